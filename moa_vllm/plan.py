@@ -1,0 +1,263 @@
+"""Plan format v1: one span rule ``(alpha, beta)`` per (layer, KV head).
+
+A plan is a JSON document validated with pydantic. It names the model shape it
+was made for (its fingerprint), the sink tokens, the elastic mode, the minimum
+window, the rules and how it was made (provenance). Plans are per KV head (GQA
+native): masking a KV position for a KV head masks it for all its query heads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from moa_vllm.span_mask import ElasticMode, LayerSpans, quantize_beta
+
+PLAN_FORMAT = "moa-plan"
+PLAN_VERSION = 1
+
+
+class PlanError(ValueError):
+    """A plan that cannot be used; the message says what is wrong and where."""
+
+
+class ModelFingerprint(BaseModel):
+    """The model shape a plan fits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    architecture: str
+    num_layers: int = Field(gt=0)
+    num_attention_heads: int = Field(gt=0)
+    num_kv_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    max_position_embeddings: int = Field(gt=0)
+
+    def describe(self) -> str:
+        return (
+            f"{self.architecture} with {self.num_layers} layers, "
+            f"{self.num_attention_heads} query / {self.num_kv_heads} KV heads, "
+            f"head_dim {self.head_dim}, {self.max_position_embeddings} positions"
+        )
+
+    def shape_matches(self, other: ModelFingerprint) -> bool:
+        """Same attention shape; the context length may differ (rules scale with N)."""
+        keys = ("num_layers", "num_attention_heads", "num_kv_heads", "head_dim")
+        return all(getattr(self, k) == getattr(other, k) for k in keys)
+
+
+class Provenance(BaseModel):
+    """How a plan was made: enough to reproduce it."""
+
+    method: str
+    created: str
+    tool: str = "moa-vllm"
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class Plan(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["moa-plan"] = PLAN_FORMAT
+    version: int
+    model: ModelFingerprint
+    sink_tokens: int = Field(ge=0)
+    elastic: ElasticMode
+    min_window: int = Field(ge=1)
+    max_span_classes: int = Field(default=4, ge=1)
+    rules: list[list[tuple[int, float]]]
+    provenance: Provenance
+
+    @model_validator(mode="after")
+    def _check(self) -> Plan:
+        if self.version != PLAN_VERSION:
+            raise ValueError(
+                f"unsupported plan version {self.version} "
+                f"(this moa-vllm reads version {PLAN_VERSION})"
+            )
+        shape = (self.model.num_layers, self.model.num_kv_heads)
+        if len(self.rules) != shape[0] or any(len(r) != shape[1] for r in self.rules):
+            got = (len(self.rules), sorted({len(r) for r in self.rules}))
+            raise ValueError(
+                f"rules must be [num_layers={shape[0]}][num_kv_heads={shape[1]}], "
+                f"got {got[0]} layers with {got[1]} heads"
+            )
+        for layer, row in enumerate(self.rules):
+            for head, (alpha, beta) in enumerate(row):
+                if not (math.isfinite(beta) and 0.0 <= beta <= 1.0):
+                    raise ValueError(
+                        f"rules[{layer}][{head}]: beta must be a number in [0, 1], "
+                        f"got {beta}"
+                    )
+        return self
+
+    # -- runtime views -------------------------------------------------------
+
+    def layer_spans(self, layer: int, kv_heads: slice | None = None) -> LayerSpans:
+        """Rules of one layer as tensors; ``kv_heads`` selects a tensor-parallel slice."""
+        row = self.rules[layer][kv_heads or slice(None)]
+        return LayerSpans(
+            alpha=torch.tensor([a for a, _ in row], dtype=torch.int32),
+            beta_q=torch.tensor([quantize_beta(b) for _, b in row], dtype=torch.int32),
+            sink_tokens=self.sink_tokens,
+            min_window=self.min_window,
+            elastic=self.elastic,
+        )
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(self.model_dump_json(indent=1) + "\n")
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def plan_from_dict(
+    data: Any, source: str = "plan", model: ModelFingerprint | None = None
+) -> Plan:
+    """Validate a plan document; raises PlanError with one line naming the field.
+
+    The reference's per-query-head ``{"alphas", "betas"}`` format is converted
+    when the model's fingerprint is known.
+    """
+    if not isinstance(data, dict):
+        raise PlanError(f"{source}: a plan must be a JSON object")
+    if "alphas" in data and "betas" in data and "rules" not in data:
+        if model is None:
+            raise PlanError(f"{source}: a reference plan needs the model to convert it")
+        return plan_from_reference(data, model, source=source)
+    try:
+        return Plan.model_validate(data)
+    except ValidationError as err:
+        raise PlanError(f"{source}: {_format_validation_error(err)}") from None
+
+
+def load_plan(path: str | os.PathLike, model: ModelFingerprint | None = None) -> Plan:
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise PlanError(f"{path}: cannot read plan ({err.strerror})") from None
+    try:
+        data = json.loads(text, parse_constant=lambda c: float(c))
+    except json.JSONDecodeError as err:
+        raise PlanError(f"{path}: not valid JSON ({err})") from None
+    return plan_from_dict(data, str(path), model)
+
+
+def fingerprint_from_hf_config(hf_config: Any) -> ModelFingerprint:
+    """Fingerprint of a transformers config (the model directory's config.json)."""
+    text_config = getattr(hf_config, "text_config", None) or hf_config
+    num_heads = text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or (
+        text_config.hidden_size // num_heads
+    )
+    archs = getattr(hf_config, "architectures", None) or ["unknown"]
+    return ModelFingerprint(
+        architecture=archs[0],
+        num_layers=text_config.num_hidden_layers,
+        num_attention_heads=num_heads,
+        num_kv_heads=getattr(text_config, "num_key_value_heads", None) or num_heads,
+        head_dim=head_dim,
+        max_position_embeddings=text_config.max_position_embeddings,
+    )
+
+
+def check_plan_fits(plan: Plan, model: ModelFingerprint, source: str) -> None:
+    if not plan.model.shape_matches(model):
+        raise PlanError(
+            f"{source}: plan is for {plan.model.describe()}, "
+            f"but the model is {model.describe()}"
+        )
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def uniform_plan(
+    model: ModelFingerprint,
+    density: float,
+    length: int | None = None,
+    sink_tokens: int = 64,
+    elastic: ElasticMode = "position",
+    min_window: int = 64,
+) -> Plan:
+    """StreamingLLM-style baseline: the same fixed window for every head, sized so
+    that sinks + window cover ``density`` of ``length`` tokens."""
+    if not 0.0 < density <= 1.0:
+        raise PlanError(f"--density must be in (0, 1], got {density}")
+    length = length or model.max_position_embeddings
+    window = max(min_window, math.ceil(density * length) - sink_tokens)
+    if density >= 1.0:
+        window = max(window, model.max_position_embeddings)
+    rules = [[(window, 0.0)] * model.num_kv_heads for _ in range(model.num_layers)]
+    return Plan(
+        version=PLAN_VERSION,
+        model=model,
+        sink_tokens=sink_tokens,
+        elastic=elastic,
+        min_window=min_window,
+        rules=rules,
+        provenance=Provenance(
+            method="uniform",
+            created=now_iso(),
+            details={"density": density, "length": length, "window": window},
+        ),
+    )
+
+
+def plan_from_reference(
+    data: dict[str, Any],
+    model: ModelFingerprint,
+    sink_tokens: int = 64,
+    min_window: int = 128,
+    source: str = "reference plan",
+) -> Plan:
+    """Convert the reference's ``{"alphas", "betas"}`` per-query-head plan.
+
+    Each KV head takes the widest rule of its query-head group: the largest alpha
+    and the largest beta, which covers every member at every length.
+    """
+    alphas, betas = data["alphas"], data["betas"]
+    group = model.num_attention_heads // model.num_kv_heads
+    if len(alphas) != model.num_layers or any(
+        len(a) != model.num_attention_heads for a in alphas
+    ):
+        raise PlanError(
+            f"{source}: alphas must be [{model.num_layers}][{model.num_attention_heads}]"
+            f" for {model.describe()}"
+        )
+    rules = []
+    for layer_a, layer_b in zip(alphas, betas):
+        row = []
+        for kv in range(model.num_kv_heads):
+            members = slice(kv * group, (kv + 1) * group)
+            row.append(
+                (math.ceil(max(layer_a[members])), float(max(layer_b[members])))
+            )
+        rules.append(row)
+    return Plan(
+        version=PLAN_VERSION,
+        model=model,
+        sink_tokens=sink_tokens,
+        elastic="prompt",
+        min_window=min_window,
+        rules=rules,
+        provenance=Provenance(
+            method="reference-import",
+            created=now_iso(),
+            details={"source": source, "gqa_reduction": "widest rule of each group"},
+        ),
+    )

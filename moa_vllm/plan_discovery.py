@@ -1,0 +1,79 @@
+"""Which plan serves a model: env ``MOA_PLAN``, then ``moa_plan.json`` in the model
+directory, then a shipped plan in ``plans/`` whose fingerprint matches."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from moa_vllm.plan import (
+    ModelFingerprint,
+    Plan,
+    PlanError,
+    check_plan_fits,
+    load_plan,
+)
+
+PLAN_ENV = "MOA_PLAN"
+PLANS_DIR_ENV = "MOA_PLANS_DIR"
+MODEL_DIR_PLAN = "moa_plan.json"
+
+
+@dataclass(frozen=True)
+class ResolvedPlan:
+    plan: Plan
+    source: str  # path of the plan file
+    how: str  # which discovery rule found it
+
+
+def shipped_plans_dirs() -> list[Path]:
+    dirs = []
+    if env := os.environ.get(PLANS_DIR_ENV):
+        dirs.append(Path(env))
+    dirs.append(Path(__file__).resolve().parent.parent / "plans")
+    return [d for d in dirs if d.is_dir()]
+
+
+def _shipped_candidates(model: ModelFingerprint) -> list[tuple[Path, Plan]]:
+    found = []
+    for d in shipped_plans_dirs():
+        for path in sorted(d.glob("*.json")):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if not isinstance(data, dict) or "rules" not in data:
+                continue
+            plan = load_plan(path)  # a broken shipped plan is an error, not a skip
+            if plan.model.shape_matches(model) and (
+                plan.model.architecture == model.architecture
+            ):
+                found.append((path, plan))
+    return found
+
+
+def resolve_plan(model_dir: str | os.PathLike | None, model: ModelFingerprint) -> ResolvedPlan:
+    """Find the plan for a model, or raise PlanError naming what was looked at."""
+    if env := os.environ.get(PLAN_ENV):
+        plan = load_plan(env, model)
+        check_plan_fits(plan, model, env)
+        return ResolvedPlan(plan, env, f"${PLAN_ENV}")
+    if model_dir is not None:
+        local = Path(model_dir) / MODEL_DIR_PLAN
+        if local.is_file():
+            plan = load_plan(local, model)
+            check_plan_fits(plan, model, str(local))
+            return ResolvedPlan(plan, str(local), "model directory")
+    candidates = _shipped_candidates(model)
+    if candidates:
+        path, plan = candidates[0]
+        return ResolvedPlan(plan, str(path), "shipped plans (fingerprint match)")
+    looked = ", ".join(str(d) for d in shipped_plans_dirs()) or "no plans directory"
+    raise PlanError(
+        f"no MoA plan for {model.describe()}: set {PLAN_ENV}=path, put "
+        f"{MODEL_DIR_PLAN} in the model directory, or add a matching plan to "
+        f"plans/ (looked in: {looked}). Make one with `moa-vllm plan uniform "
+        f"--model DIR --density 0.5 --out plan.json`."
+    )

@@ -1,0 +1,98 @@
+"""The exact MoA mask: the one definition used by the oracle, the kernels, the
+planner and the KV-cache manager.
+
+A query at absolute position ``t`` attends to key ``j`` iff ``j <= t`` and
+(``j < sink_tokens`` or ``t - j < W``) with
+``W = max(min_window, alpha + ceil(beta * N))``.
+
+``alpha`` is an integer number of tokens and ``beta`` is applied in fixed point
+(``beta_q = round(beta * BETA_SCALE)``), so every implementation (torch, Triton,
+the scheduler's integer arithmetic) computes the very same ``W``: a float
+``ceil(alpha + beta * N)`` would differ between fp32, fp64 and fused multiply-add
+exactly at the boundaries.
+
+``N`` is the elastic length: the request's prompt length (``elastic="prompt"``)
+or ``t + 1`` (``elastic="position"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+BETA_SCALE = 4096
+"""Resolution of ``beta``: ``beta`` is applied as ``beta_q / BETA_SCALE``."""
+
+ElasticMode = Literal["prompt", "position"]
+
+
+def quantize_beta(beta: float) -> int:
+    return int(round(beta * BETA_SCALE))
+
+
+def window_size(alpha: int, beta_q: int, n: int, min_window: int) -> int:
+    """W for one rule at elastic length ``n`` (python ints: scheduler, planner)."""
+    return max(min_window, alpha + -((-beta_q * n) // BETA_SCALE))
+
+
+def elastic_length(position: int, prompt_len: int, elastic: ElasticMode) -> int:
+    return position + 1 if elastic == "position" else prompt_len
+
+
+def first_needed_position(
+    position: int, window: int, sink_tokens: int
+) -> int:
+    """First non-sink key a query at ``position`` still reads.
+
+    Window starts never move backwards for ``0 <= beta <= 1``, so every key below
+    this (and above the sinks) is dead for all later queries of the request.
+    """
+    return max(sink_tokens, position - window + 1)
+
+
+@dataclass(frozen=True)
+class LayerSpans:
+    """The rules of one attention layer, one per KV head (tensors on any device)."""
+
+    alpha: torch.Tensor  # [num_kv_heads] int32
+    beta_q: torch.Tensor  # [num_kv_heads] int32
+    sink_tokens: int
+    min_window: int
+    elastic: ElasticMode
+
+    def to(self, device: torch.device | str) -> LayerSpans:
+        return LayerSpans(
+            self.alpha.to(device),
+            self.beta_q.to(device),
+            self.sink_tokens,
+            self.min_window,
+            self.elastic,
+        )
+
+    def windows(self, n: torch.Tensor) -> torch.Tensor:
+        """W per (KV head, query): ``n`` is ``[Tq]`` elastic lengths -> ``[Hkv, Tq]``."""
+        n = n.to(torch.int64)[None, :]
+        beta_q = self.beta_q.to(torch.int64)[:, None]
+        alpha = self.alpha.to(torch.int64)[:, None]
+        ceil_beta_n = -torch.div(-beta_q * n, BETA_SCALE, rounding_mode="floor")
+        return torch.clamp(alpha + ceil_beta_n, min=self.min_window)
+
+    def mask(
+        self, q_pos: torch.Tensor, k_pos: torch.Tensor, n: torch.Tensor
+    ) -> torch.Tensor:
+        """Boolean ``[Hkv, Tq, Tk]``: may query ``q_pos[i]`` read key ``k_pos[j]``."""
+        w = self.windows(n)[:, :, None]
+        t = q_pos.to(torch.int64)[None, :, None]
+        j = k_pos.to(torch.int64)[None, None, :]
+        return (j <= t) & ((j < self.sink_tokens) | (t - j < w))
+
+    def key_positions(self, first_query: int, first_n: int, seq_len: int) -> torch.Tensor:
+        """Keys a chunk of queries starting at ``first_query`` may read: the sinks and
+        everything from the widest head's window start on. Window starts never
+        move backwards, so later queries of the chunk need nothing earlier."""
+        widest = int(self.windows(torch.tensor([first_n])).max())
+        start = first_needed_position(first_query, widest, self.sink_tokens)
+        sinks = torch.arange(min(self.sink_tokens, seq_len))
+        return torch.cat([sinks, torch.arange(min(start, seq_len), seq_len)])
