@@ -24,8 +24,11 @@ PLAN_FORMAT = "moa-plan"
 PLAN_VERSION = 1
 
 
-class PlanError(ValueError):
-    """A plan that cannot be used; the message says what is wrong and where."""
+class PlanError(Exception):
+    """A plan that cannot be used; the message says what is wrong and where.
+
+    Not a ValueError on purpose: vLLM builds its config in pydantic validators,
+    which would wrap a ValueError into a multi-line validation report."""
 
 
 class ModelFingerprint(BaseModel):

@@ -1,0 +1,92 @@
+import json
+import math
+
+import pytest
+
+from moa_vllm.plan import (
+    ModelFingerprint,
+    PlanError,
+    load_plan,
+    plan_from_dict,
+    plan_from_reference,
+    uniform_plan,
+)
+
+FP = ModelFingerprint(
+    architecture="LlamaForCausalLM", num_layers=2, num_attention_heads=4,
+    num_kv_heads=2, head_dim=32, max_position_embeddings=1024,
+)
+
+
+def good() -> dict:
+    return json.loads(uniform_plan(FP, 0.5).model_dump_json())
+
+
+def test_roundtrip(tmp_path):
+    plan = uniform_plan(FP, 0.5, length=512, sink_tokens=16)
+    plan.save(tmp_path / "p.json")
+    again = load_plan(tmp_path / "p.json")
+    assert again == plan
+    assert again.rules[0][0] == (512 // 2 - 16, 0.0)
+
+
+@pytest.mark.parametrize(
+    "mutate, where",
+    [
+        (lambda d: d["rules"].pop(), "rules must be [num_layers=2]"),
+        (lambda d: d["rules"][1].append([1, 0.0]), "rules must be"),
+        (lambda d: d["rules"][0].__setitem__(1, [4, math.nan]), "rules[0][1]: beta"),
+        (lambda d: d["rules"][1].__setitem__(0, [4, 1.5]), "rules[1][0]: beta"),
+        (lambda d: d["rules"][1].__setitem__(0, [4, -0.1]), "rules[1][0]: beta"),
+        (lambda d: d.__setitem__("sink_tokens", -1), "sink_tokens"),
+        (lambda d: d.__setitem__("min_window", 0), "min_window"),
+        (lambda d: d.__setitem__("version", 2), "unsupported plan version 2"),
+        (lambda d: d.__setitem__("elastic", "sometimes"), "elastic"),
+        (lambda d: d.__setitem__("colour", "red"), "colour"),
+        (lambda d: d["rules"][0].__setitem__(0, ["wide", 0.0]), "rules.0.0.0"),
+    ],
+)
+def test_bad_plans_say_what_and_where(mutate, where):
+    data = good()
+    mutate(data)
+    with pytest.raises(PlanError) as err:
+        plan_from_dict(data, "p.json")
+    message = str(err.value)
+    assert message.startswith("p.json: ")
+    assert where in message
+    assert "\n" not in message
+
+
+def test_nan_in_json_file(tmp_path):
+    path = tmp_path / "nan.json"
+    path.write_text(json.dumps(good()).replace("0.0]", "NaN]", 1))
+    with pytest.raises(PlanError, match="beta must be a number"):
+        load_plan(path)
+
+
+def test_unreadable_and_not_json(tmp_path):
+    with pytest.raises(PlanError, match="cannot read plan"):
+        load_plan(tmp_path / "missing.json")
+    (tmp_path / "x.json").write_text("{not json")
+    with pytest.raises(PlanError, match="not valid JSON"):
+        load_plan(tmp_path / "x.json")
+
+
+def test_reference_format_takes_widest_rule_of_each_group(tmp_path):
+    ref = {
+        "alphas": [[100, 300, 50, 60], [0, 0, 10, 20]],
+        "betas": [[0.0, 0.25, 0.5, 0.125], [1.0, 0.0, 0.0, 0.0]],
+    }
+    plan = plan_from_reference(ref, FP)
+    assert plan.rules == [[(300, 0.25), (60, 0.5)], [(0, 1.0), (20, 0.0)]]
+    (tmp_path / "ref.json").write_text(json.dumps(ref))
+    assert load_plan(tmp_path / "ref.json", FP).rules == plan.rules
+    with pytest.raises(PlanError, match="needs the model"):
+        load_plan(tmp_path / "ref.json")
+
+
+def test_uniform_density_bounds():
+    with pytest.raises(PlanError, match="density"):
+        uniform_plan(FP, 0.0)
+    full = uniform_plan(FP, 1.0)
+    assert full.rules[0][0][0] >= FP.max_position_embeddings

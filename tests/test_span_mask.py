@@ -1,0 +1,71 @@
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moa_vllm.span_mask import (
+    BETA_SCALE,
+    LayerSpans,
+    first_needed_position,
+    quantize_beta,
+    window_size,
+)
+
+
+def spans(alphas, betas, sink=4, min_window=2, elastic="position"):
+    return LayerSpans(
+        torch.tensor(alphas, dtype=torch.int32),
+        torch.tensor([quantize_beta(b) for b in betas], dtype=torch.int32),
+        sink, min_window, elastic,
+    )
+
+
+def test_window_is_integer_exact_at_boundaries():
+    # beta=0.1 is not a float multiple: fp64 gives ceil(0.1*10)=ceil(1.0000000000000002)=2.
+    beta_q = quantize_beta(0.25)
+    assert window_size(0, beta_q, 8, 1) == 2  # exactly 0.25 * 8
+    assert window_size(0, beta_q, 9, 1) == 3  # ceil(2.25)
+    assert window_size(-100, beta_q, 8, 5) == 5  # min_window floors negative alphas
+    assert BETA_SCALE * 0.25 == beta_q
+
+
+def test_mask_matches_definition():
+    s = spans([3, 0], [0.0, 0.5], sink=2, min_window=1)
+    q_pos = torch.arange(10, 20)
+    k_pos = torch.arange(20)
+    n = q_pos + 1
+    mask = s.mask(q_pos, k_pos, n)
+    for h, (alpha, beta) in enumerate([(3, 0.0), (0, 0.5)]):
+        for i, t in enumerate(q_pos.tolist()):
+            w = max(1, alpha + math.ceil(beta * (t + 1)))
+            for j in range(20):
+                expected = j <= t and (j < 2 or t - j < w)
+                assert bool(mask[h, i, j]) == expected, (h, t, j)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    alpha=st.integers(-64, 256),
+    beta=st.floats(0.0, 1.0),
+    sink=st.integers(0, 64),
+    min_window=st.integers(1, 64),
+    t=st.integers(0, 5000),
+)
+def test_window_start_never_moves_back_in_position_mode(alpha, beta, sink, min_window, t):
+    """The property KV freeing relies on: what is dead stays dead."""
+    bq = quantize_beta(beta)
+    now = first_needed_position(t, window_size(alpha, bq, t + 1, min_window), sink)
+    nxt = first_needed_position(t + 1, window_size(alpha, bq, t + 2, min_window), sink)
+    assert nxt >= now
+
+
+def test_key_positions_cover_every_allowed_key():
+    s = spans([5, 20], [0.0, 0.25], sink=3, min_window=2)
+    seq_len, q_len = 200, 30
+    q_pos = torch.arange(seq_len - q_len, seq_len)
+    k_pos = s.key_positions(int(q_pos[0]), int(q_pos[0]) + 1, seq_len)
+    allowed = s.mask(q_pos, torch.arange(seq_len), q_pos + 1).any(dim=(0, 1))
+    needed = set(torch.nonzero(allowed).flatten().tolist())
+    assert needed <= set(k_pos.tolist())
+    assert len(k_pos) < seq_len  # and it does skip what no head reads
