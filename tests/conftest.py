@@ -92,3 +92,20 @@ def stop_llm(llm) -> None:
         engine_core.shutdown()
     del llm
     gc.collect()
+
+
+def scheduler(llm):
+    """The engine's scheduler (in this process: VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def held_blocks(llm, request_id: str) -> dict[int, int]:
+    """Blocks a request holds right now per span class (vLLM's own block lists)."""
+    kvm = scheduler(llm).kv_cache_manager
+    null = kvm.block_pool.null_block
+    return {
+        m.kv_cache_spec.span_class: sum(
+            1 for b in m.req_to_blocks.get(request_id, []) if b is not null
+        )
+        for m in kvm.coordinator.single_type_managers
+    }
