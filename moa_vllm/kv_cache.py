@@ -8,6 +8,7 @@ later query of any head of any layer in the class reads, keeping the sinks.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from typing import Self
 
@@ -17,7 +18,10 @@ from moa_vllm.vllm_surface import (
     FullAttentionManager,
     FullAttentionSpec,
     KVCacheSpecRegistry,
+    logger,
 )
+
+KV_LOG_ENV = "MOA_KV_LOG"  # "1": log each finished request's blocks per class
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,6 +101,17 @@ class MoaSpanManager(FullAttentionManager):
             processed_computed_tokens, num_prompt_tokens or 0, self.block_size
         )
         self._remove_blocks_in_range(request_id, first, last)
+
+    def pop_blocks_for_free(self, request_id: str):
+        blocks = super().pop_blocks_for_free(request_id)
+        if blocks and os.environ.get(KV_LOG_ENV) == "1":
+            early = sum(1 for b in blocks if b is self._null_block)
+            logger.info(
+                "MoA KV: request %s span class %d: %d of %d blocks returned to "
+                "the pool before the request finished",
+                request_id, self.span.index, early, len(blocks),
+            )
+        return blocks
 
 
 def register_spec() -> None:

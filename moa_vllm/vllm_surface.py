@@ -35,7 +35,7 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager  # no
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec  # noqa: F401
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry  # noqa: F401
 
-logger = init_logger("moa_vllm")
+logger = init_logger("vllm.moa")  # under vLLM's logging configuration
 
 BACKEND_NAME = "MOA"
 BACKEND_PATH = "moa_vllm.backend.MoaAttentionBackend"

@@ -1,0 +1,97 @@
+"""`vllm serve MODEL --attention-backend moa` answers chat completions, and a bad
+plan stops start-up with one clear message before the engine starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import model_fingerprint
+
+from moa_vllm.plan import PlanError, uniform_plan
+
+VLLM = str(Path(sys.executable).parent / "vllm")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, payload: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(payload).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("server")
+    plan = uniform_plan(model_fingerprint(smollm2_dir), 0.5, length=512, sink_tokens=32)
+    plan.save(tmp / "plan.json")
+    port = free_port()
+    env = {**os.environ, "MOA_PLAN": str(tmp / "plan.json"), "PYTHONSAFEPATH": "1",
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_LOGGING_LEVEL": "INFO"}
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen(
+        [VLLM, "serve", str(smollm2_dir), "--served-model-name", "smollm2",
+         "--attention-backend", "moa", "--port", str(port), "--dtype", "float32",
+         "--enforce-eager", "--max-model-len", "2048", "--block-size", "16",
+         "--max-num-seqs", "4", "--kv-cache-memory-bytes", str(512 << 20)],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while True:
+        assert proc.poll() is None, (tmp / "server.log").read_text()[-3000:]
+        try:
+            urllib.request.urlopen(f"{base}/health", timeout=2)
+            break
+        except OSError:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(2)
+    yield base, tmp / "server.log"
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+def test_chat_completion_through_moa(server):
+    base, log = server
+    reply = post(f"{base}/v1/chat/completions", {
+        "model": "smollm2", "temperature": 0, "max_tokens": 20,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+    })
+    assert "Paris" in reply["choices"][0]["message"]["content"]
+    text = log.read_text()
+    assert "MoA plan" in text and "plan.json" in text  # the plan the server loaded
+
+
+def test_bad_plan_fails_before_the_engine_starts(tiny_dir, tmp_path, monkeypatch):
+    from vllm.engine.arg_utils import EngineArgs
+
+    bad = json.loads(uniform_plan(model_fingerprint(tiny_dir), 0.5).model_dump_json())
+    bad["rules"][1][0][1] = 2.0
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    monkeypatch.setenv("MOA_PLAN", str(tmp_path / "bad.json"))
+    args = EngineArgs(model=str(tiny_dir), attention_backend="moa", enforce_eager=True)
+    with pytest.raises(PlanError, match=r"bad.json: rules\[1\]\[0\]: beta must be"):
+        args.create_engine_config()
+
+
+def test_plan_for_another_model_names_both_shapes(tiny_dir, smollm2_dir, tmp_path, monkeypatch):
+    from vllm.engine.arg_utils import EngineArgs
+
+    uniform_plan(model_fingerprint(smollm2_dir), 0.5).save(tmp_path / "other.json")
+    monkeypatch.setenv("MOA_PLAN", str(tmp_path / "other.json"))
+    args = EngineArgs(model=str(tiny_dir), attention_backend="moa", enforce_eager=True)
+    with pytest.raises(PlanError, match="plan is for .*30 layers.* but the model is .*4 layers"):
+        args.create_engine_config()
