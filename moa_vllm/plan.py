@@ -114,8 +114,15 @@ class Plan(BaseModel):
             elastic=self.elastic,
         )
 
+    def to_json(self) -> str:
+        """Indented JSON with one line per layer of rules (plans are read by people)."""
+        data = self.model_dump(mode="json")
+        rows = ",\n  ".join(json.dumps(row) for row in data.pop("rules"))
+        head = json.dumps(data, indent=1)
+        return f'{head[:-2]},\n "rules": [\n  {rows}\n ]\n}}\n'
+
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(self.model_dump_json(indent=1) + "\n")
+        Path(path).write_text(self.to_json())
 
 
 def _format_validation_error(err: ValidationError) -> str:
