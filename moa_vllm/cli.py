@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=16)
     p.set_defaults(func=cmd_plan_show)
 
+    from moa_vllm.planner.cli import add_search_parser
+
+    add_search_parser(plan)
+
     model = sub.add_parser("model", help="local model directories").add_subparsers(
         dest="command", required=True
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import heterogeneous_plan, start_llm, stop_llm
+from moa_testing import heterogeneous_plan, start_llm, stop_llm
 from hf_oracle import load_oracle_model, oracle_logprobs
 
 from moa_vllm.plan import uniform_plan
@@ -47,7 +47,7 @@ def chat_prompts(model_dir):
 @pytest.fixture(scope="module")
 def smollm2_greedy(smollm2_dir, tmp_path_factory):
     """Greedy outputs of SmolLM2 (fp32) under vLLM's CPU backend and MoA (full plan)."""
-    from conftest import model_fingerprint
+    from moa_testing import model_fingerprint
 
     tmp = tmp_path_factory.mktemp("plans")
     prompts = chat_prompts(smollm2_dir)

@@ -4,7 +4,7 @@ prediction; nothing leaks, also under preemption."""
 from __future__ import annotations
 
 import pytest
-from conftest import held_blocks, heterogeneous_plan, scheduler, start_llm, stop_llm
+from moa_testing import held_blocks, heterogeneous_plan, scheduler, start_llm, stop_llm
 
 from moa_vllm.span_classes import assign_span_classes, cdiv
 

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import model_fingerprint
+from moa_testing import model_fingerprint
 
 from moa_vllm.plan import PlanError, uniform_plan
 

@@ -1,0 +1,1 @@
+"""Plan search: calibrate, profile, optimise (MILP), validate."""

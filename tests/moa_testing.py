@@ -1,0 +1,86 @@
+"""Helpers shared by the tests. Engines are expensive (~20-40 s each on CPU):
+fixtures that start one are module-scoped, and start them only through here."""
+
+from __future__ import annotations
+
+import gc
+import os
+import random
+from pathlib import Path
+
+
+def model_fingerprint(model_dir):
+    from transformers import AutoConfig
+
+    from moa_vllm.plan import fingerprint_from_hf_config
+
+    return fingerprint_from_hf_config(AutoConfig.from_pretrained(model_dir))
+
+
+def heterogeneous_plan(model_dir, elastic: str, seed: int = 0, sink_tokens: int = 16):
+    """Different rules per KV head (some elastic), small enough that spans cut
+    prompts of a few hundred tokens."""
+    from moa_vllm.plan import PLAN_VERSION, Plan, Provenance, now_iso
+
+    fp = model_fingerprint(model_dir)
+    rng = random.Random(seed)
+    rules = [
+        [(rng.choice([8, 24, 40, 72]), rng.choice([0.0, 0.0, 0.125, 0.25]))
+         for _ in range(fp.num_kv_heads)]
+        for _ in range(fp.num_layers)
+    ]
+    return Plan(
+        version=PLAN_VERSION, model=fp, sink_tokens=sink_tokens, elastic=elastic,
+        min_window=8, rules=rules,
+        provenance=Provenance(method="test-random", created=now_iso(), details={"seed": seed}),
+    )
+
+
+def start_llm(model_dir, plan=None, tmp_dir=None, backend: str | None = "moa", **kwargs):
+    """A vLLM engine on CPU; ``plan`` (a Plan) is handed over through MOA_PLAN."""
+    from vllm import LLM
+
+    if plan is not None:
+        path = Path(tmp_dir) / f"plan-{id(plan)}.json"
+        plan.save(path)
+        os.environ["MOA_PLAN"] = str(path)
+    else:
+        os.environ.pop("MOA_PLAN", None)
+    options = dict(
+        enforce_eager=True,
+        max_num_seqs=4,
+        kv_cache_memory_bytes=256 << 20,
+        block_size=16,
+        max_model_len=2048,
+        dtype="float32",
+        seed=0,
+    )
+    options.update(kwargs)
+    if backend is not None:
+        options["attention_backend"] = backend
+    return LLM(model=str(model_dir), **options)
+
+
+def stop_llm(llm) -> None:
+    engine_core = getattr(llm.llm_engine, "engine_core", None)
+    if engine_core is not None:
+        engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def scheduler(llm):
+    """The engine's scheduler (in this process: VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def held_blocks(llm, request_id: str) -> dict[int, int]:
+    """Blocks a request holds right now per span class (vLLM's own block lists)."""
+    kvm = scheduler(llm).kv_cache_manager
+    null = kvm.block_pool.null_block
+    return {
+        m.kv_cache_spec.span_class: sum(
+            1 for b in m.req_to_blocks.get(request_id, []) if b is not null
+        )
+        for m in kvm.coordinator.single_type_managers
+    }
