@@ -72,6 +72,12 @@ def cmd_model_tiny(args) -> None:
     print(build_tiny_llama(args.dir, args.tokenizer, num_layers=args.layers))
 
 
+def cmd_serve(args) -> None:
+    from moa_vllm.serve import serve
+
+    serve(args.model, args.plan, args.vllm_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moa-vllm", description=__doc__)
     sub = parser.add_subparsers(dest="group", required=True)
@@ -111,11 +117,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="directory with a tokenizer")
     p.add_argument("--layers", type=int, default=4)
     p.set_defaults(func=cmd_model_tiny)
+
+    p = sub.add_parser(
+        "serve", help="vLLM's OpenAI server with MoA (other arguments go to vLLM)",
+        usage="moa-vllm serve MODEL [--plan PLAN] [vLLM server arguments...]",
+    )
+    p.add_argument("model")
+    p.add_argument("--plan", help="plan file (default: plan discovery)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    if args.func is cmd_serve:
+        args.vllm_args = rest
+    elif rest:
+        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         args.func(args)
     except PlanError as err:

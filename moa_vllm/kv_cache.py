@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Self
 
+from moa_vllm.metrics import ENGINE_STATS
 from moa_vllm.span_classes import SpanClass
 from moa_vllm.span_mask import ElasticMode
 from moa_vllm.vllm_surface import (
@@ -88,6 +89,7 @@ class MoaSpanManager(FullAttentionManager):
     def __init__(self, kv_cache_spec: MoaSpanSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
         self.span = kv_cache_spec.span()
+        self._freed_until: dict[str, int] = {}  # request -> end of its freed range
 
     def remove_skipped_blocks(
         self,
@@ -97,13 +99,28 @@ class MoaSpanManager(FullAttentionManager):
     ) -> None:
         if num_prompt_tokens is None and self.span.elastic == "prompt":
             return  # N unknown: keep everything rather than guess
-        first, last = self.span.dead_blocks(
-            processed_computed_tokens, num_prompt_tokens or 0, self.block_size
-        )
+        blocks = self.req_to_blocks.get(request_id)
+        if not blocks:
+            return
+        t = processed_computed_tokens
+        first, last = self.span.dead_blocks(t, num_prompt_tokens or 0, self.block_size)
+        last = min(last, len(blocks))
         self._remove_blocks_in_range(request_id, first, last)
+        before = self._freed_until.get(request_id, first)
+        now = max(before, last)
+        self._freed_until[request_id] = now
+        ENGINE_STATS.record_step(
+            self.span.index, request_id,
+            held=len(blocks) - (now - first),
+            freed=now - before,
+            kept=t - max(0, min(t, now * self.block_size) - first * self.block_size),
+            dense=t,
+        )
 
     def pop_blocks_for_free(self, request_id: str):
         blocks = super().pop_blocks_for_free(request_id)
+        if self._freed_until.pop(request_id, None) is not None:
+            ENGINE_STATS.record_finish(self.span.index, request_id)
         if blocks and os.environ.get(KV_LOG_ENV) == "1":
             early = sum(1 for b in blocks if b is self._null_block)
             logger.info(

@@ -62,6 +62,7 @@ def moa_requested(vllm_config: VllmConfig) -> bool:
 
 def _configure_engine(vllm_config: VllmConfig) -> None:
     """Resolve the plan once, in the process that parses the arguments."""
+    from moa_vllm.metrics import ensure_stats_dir
     from moa_vllm.plan import fingerprint_from_hf_config
     from moa_vllm.plan_discovery import resolve_plan
 
@@ -91,6 +92,7 @@ def _configure_engine(vllm_config: VllmConfig) -> None:
         # The V1 model runner hands per-request prompt lengths to attention
         # builders only for R-SWA models; MoA's prompt mode needs the same.
         model_config.model_arch_config.rswa_window = 0
+    ensure_stats_dir()  # engine processes started after this inherit it
     vllm_config.additional_config = {
         **(extra if isinstance(extra, dict) else {}),
         CONFIG_KEY: {
