@@ -4,6 +4,7 @@ on vLLM's ``/metrics``."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
@@ -23,6 +24,9 @@ class DensityAt(BaseModel):
 class PlanReport(BaseModel):
     source: str
     how: str
+    source_status: str = "unchanged"
+    """The plan file now: "unchanged", "changed" or "missing". The server keeps
+    serving the plan it loaded at start-up; a change applies on restart."""
     model: ModelFingerprint
     provenance: Provenance
     elastic: str
@@ -56,6 +60,24 @@ def plan_report(entry: dict[str, Any], block_size: int) -> PlanReport:
     )
 
 
+def source_status(source: str, loaded: Plan) -> str:
+    """Whether the plan file still holds the plan being served."""
+    from moa_vllm.plan import PlanError, load_plan
+
+    def spans(plan: Plan) -> dict:
+        return plan.model_dump(exclude={"provenance"})
+
+    try:
+        current = load_plan(source, loaded.model)
+        return "unchanged" if spans(current) == spans(loaded) else "changed"
+    except PlanError:
+        return "missing" if not os.path.exists(source) else "changed"
+
+
+def report_plan(request: Request) -> Plan:
+    return request.app.state.moa_plan
+
+
 class MoaEndpointPlugin:
     name = "moa-routes"
     required_tasks = None
@@ -72,7 +94,9 @@ class MoaEndpointPlugin:
             report = getattr(request.app.state, "moa_plan_report", None)
             if report is None:
                 raise HTTPException(404, "this server does not serve a MoA plan")
-            return report
+            return report.model_copy(
+                update={"source_status": source_status(report.source, report_plan(request))}
+            )
 
         app.include_router(router)
         if not getattr(REGISTRY, "_moa_registered", False):
@@ -82,10 +106,12 @@ class MoaEndpointPlugin:
     async def init_state(self, engine_client, state, args) -> None:
         from moa_vllm.vllm_surface import CONFIG_KEY
 
-        state.moa_plan_report = None
+        state.moa_plan_report = state.moa_plan = None
         if engine_client is None:
             return
         config = engine_client.vllm_config
         extra = config.additional_config
         if isinstance(extra, dict) and CONFIG_KEY in extra:
-            state.moa_plan_report = plan_report(extra[CONFIG_KEY], config.cache_config.block_size)
+            entry = extra[CONFIG_KEY]
+            state.moa_plan = Plan.model_validate(entry["plan"])
+            state.moa_plan_report = plan_report(entry, config.cache_config.block_size)

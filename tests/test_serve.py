@@ -1,0 +1,201 @@
+"""Serving for real through `moa-vllm serve` (vLLM's OpenAI server): load, faults,
+bad input, the MoA routes and metrics. Loopback only; one server for the module."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from moa_testing import heterogeneous_plan
+from test_server import free_port
+
+MOA_VLLM = str(Path(sys.executable).parent / "moa-vllm")
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def plan(tiny_dir):
+    # Two layers widen with every token (beta = 1): KV keeps growing there, so a
+    # small budget sees preemption; the other layers free their middles.
+    plan = heterogeneous_plan(tiny_dir, "position", seed=7)
+    return plan.model_copy(update={"rules": [[(8, 1.0)] * 2] * 2 + plan.rules[2:]})
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, plan, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    plan_path = tmp / "plan.json"
+    plan.save(plan_path)
+    port = free_port()
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_LOGGING_LEVEL": "INFO"}
+    env.pop("MOA_PLAN", None)
+    page = 2 * 32 * 2 * 4 * 16  # K+V, head_dim 32, 2 KV heads, fp32, 16 tokens
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen(
+        [MOA_VLLM, "serve", str(tiny_dir), "--plan", str(plan_path),
+         "--served-model-name", MODEL, "--port", str(port), "--dtype", "float32",
+         "--enforce-eager", "--block-size", "16", "--max-model-len", "512",
+         "--max-num-seqs", "4", "--max-num-batched-tokens", "256",
+         "--no-scheduler-reserve-full-isl",
+         "--kv-cache-memory-bytes", str(4 * 40 * page)],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+    deadline = time.time() + 300
+    while True:
+        assert proc.poll() is None, (tmp / "server.log").read_text()[-3000:]
+        try:
+            if client.get("/health").status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline, "server did not start"
+        time.sleep(1)
+    yield client, plan_path, tmp / "server.log"
+    proc.terminate()
+    proc.wait(timeout=60)
+    client.close()
+
+
+def prompt_ids(i: int, n: int) -> list[int]:
+    return [(11 * j + 29 * i) % 4000 + 200 for j in range(n)]
+
+
+def complete(client, ids, max_tokens=16, stream=False) -> list[int] | str:
+    body = {"model": MODEL, "prompt": ids, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": stream}
+    if not stream:
+        r = client.post("/v1/completions", json=body)
+        r.raise_for_status()
+        return r.json()["choices"][0]["text"]
+    text = []
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                text.append(json.loads(line[6:])["choices"][0]["text"])
+    return "".join(text)
+
+
+def metric(client, name: str) -> float:
+    text = client.get("/metrics").text
+    values = [float(m.group(1)) for m in
+              re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)]
+    assert values, f"{name} not in /metrics"
+    return sum(values)
+
+
+def wait_idle(client, limit=60) -> None:
+    """vLLM's block pool back to empty and MoA holding nothing."""
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        if (metric(client, "vllm:kv_cache_usage_perc") == 0
+                and metric(client, "moa_kv_blocks_held") == 0
+                and metric(client, "vllm:num_requests_running") == 0):
+            return
+        time.sleep(0.5)
+    raise AssertionError("KV blocks still held after all requests ended")
+
+
+def test_plan_route_reflects_the_loaded_plan(server, plan):
+    client, plan_path, _ = server
+    report = client.get("/v1/moa/plan").json()
+    assert report["source"] == str(plan_path)
+    assert report["model"] == plan.model.model_dump()
+    assert report["provenance"]["method"] == "test-random"
+    assert report["source_status"] == "unchanged"
+    assert [d["length"] for d in report["densities"]] == [1024, 2048]
+    assert all(0 < d["allocated_density"] <= 1 for d in report["densities"])
+
+
+def test_load_200_requests_32_clients_equal_sequential(server):
+    client, _, _ = server
+    distinct = [prompt_ids(i, 120 + 7 * i) for i in range(40)]
+    sequential = [complete(client, ids) for ids in distinct]
+    freed_before = metric(client, "moa_kv_blocks_freed_total")
+    preempted_before = metric(client, "vllm:num_preemptions_total")
+    jobs = [(i % 40, bool(i % 2)) for i in range(200)]
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(lambda job: complete(client, distinct[job[0]], stream=job[1]), jobs))
+    assert results == [sequential[i] for i, _ in jobs]
+    assert metric(client, "moa_kv_blocks_freed_total") > freed_before  # MoA freed blocks
+    assert metric(client, "vllm:num_preemptions_total") > preempted_before  # KV pressure
+    wait_idle(client)
+
+
+def test_disconnects_and_aborts_leak_nothing(server):
+    client, _, _ = server
+    body = {"model": MODEL, "prompt": prompt_ids(99, 300), "max_tokens": 200,
+            "temperature": 0, "ignore_eos": True, "stream": True}
+
+    def disconnect_mid_stream(_):
+        with httpx.Client(base_url=client.base_url, timeout=60) as c:
+            with c.stream("POST", "/v1/completions", json=body) as r:
+                for n, _line in enumerate(r.iter_lines()):
+                    if n >= 3:
+                        break  # closes the connection mid-stream
+
+    def abort_while_queued(_):
+        with httpx.Client(base_url=client.base_url, timeout=60) as c:
+            with c.stream("POST", "/v1/completions", json=body):
+                pass  # leave before the first token: most are still queued
+
+    with ThreadPoolExecutor(12) as pool:
+        list(pool.map(disconnect_mid_stream, range(6)))
+        list(pool.map(abort_while_queued, range(12)))
+    wait_idle(client)
+    assert complete(client, prompt_ids(1, 50))  # still serving
+
+
+@pytest.mark.parametrize(
+    "body, status",
+    [
+        (b"{not json", 400),
+        ({"model": MODEL, "prompt": list(range(100, 700)), "max_tokens": 4}, 400),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": -1}, 400),
+        ({"model": "no-such-model", "prompt": "hi", "max_tokens": 4}, 404),
+    ],
+    ids=["malformed-json", "longer-than-max-model-len", "negative-max-tokens", "unknown-model"],
+)
+def test_bad_input_gets_4xx_and_server_keeps_serving(server, body, status):
+    client, _, _ = server
+    if isinstance(body, bytes):
+        r = client.post("/v1/completions", content=body,
+                        headers={"Content-Type": "application/json"})
+    else:
+        r = client.post("/v1/completions", json=body)
+    assert r.status_code == status, r.text
+    assert complete(client, prompt_ids(2, 40), max_tokens=4)
+
+
+def test_plan_file_changing_while_serving_is_reported_not_applied(server, plan):
+    client, plan_path, _ = server
+    before = complete(client, prompt_ids(3, 200))
+    changed = plan.model_copy(update={"sink_tokens": plan.sink_tokens + 1})
+    changed.save(plan_path)
+    assert client.get("/v1/moa/plan").json()["source_status"] == "changed"
+    assert complete(client, prompt_ids(3, 200)) == before  # the loaded plan still serves
+    plan_path.unlink()
+    assert client.get("/v1/moa/plan").json()["source_status"] == "missing"
+    assert complete(client, prompt_ids(3, 200)) == before
+    plan.save(plan_path)
+    assert client.get("/v1/moa/plan").json()["source_status"] == "unchanged"
+
+
+def test_launcher_refuses_a_bad_plan_with_one_line(tiny_dir, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"version": 1, "rules": []}')
+    result = subprocess.run([MOA_VLLM, "serve", str(tiny_dir), "--plan", str(bad)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"moa-vllm: {bad}: ")
+    assert "Traceback" not in result.stderr + result.stdout
