@@ -75,7 +75,7 @@ def cmd_model_tiny(args) -> None:
 def cmd_serve(args) -> None:
     from moa_vllm.serve import serve
 
-    serve(args.model, args.plan, args.vllm_args)
+    serve(args.model, args.plan, args.vllm_args, dry_run=args.dry_run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model")
     p.add_argument("--plan", help="plan file (default: plan discovery)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="resolve the plan and print the server command, do not start it")
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -60,8 +60,9 @@ def block_size_of(vllm_args: list[str], default: int = 16) -> int:
     return default
 
 
-def serve(model: str, plan: str | None, vllm_args: list[str]) -> None:
-    """Resolve and print the plan, then exec vLLM's server. Raises PlanError."""
+def serve(model: str, plan: str | None, vllm_args: list[str], dry_run: bool = False) -> None:
+    """Resolve and print the plan, then exec vLLM's server (or, with ``dry_run``,
+    print the command). Raises PlanError."""
     from moa_vllm.plan import fingerprint_from_hf_config
     from transformers import AutoConfig
 
@@ -72,4 +73,7 @@ def serve(model: str, plan: str | None, vllm_args: list[str]) -> None:
     os.environ["VLLM_PLUGINS"] = plugin_allow_list(os.environ.get("VLLM_PLUGINS"))
     print(describe(resolved, block_size_of(vllm_args)), flush=True)
     argv = server_argv(model, vllm_args)
+    if dry_run:
+        print(" ".join(argv))
+        return
     os.execv(argv[0], argv)
