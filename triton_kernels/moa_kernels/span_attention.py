@@ -26,6 +26,7 @@ uniform single-token decode can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -179,7 +180,7 @@ def _span_attention_kernel(
         kv_off = blk * stride_kv0 + kv_head_off + (k_pos % BLOCK_SIZE).to(tl.int64) * stride_kv2
         k = tl.load(
             kv_ptr + kv_off[None, :] + offs_d[:, None] * stride_kv3,
-            mask=dim_valid[:, None],
+            mask=k_load[None, :] & dim_valid[:, None],
             other=0.0,
         )  # [D, TILE]
         v = tl.load(
@@ -279,13 +280,20 @@ def _reduce_segments_kernel(
 
 
 # Split-KV heuristic knobs (decode only).
-_SPLIT_TILE_MIN = 8  # at least this many tiles per segment
-_MAX_SEGMENTS = 16
+_SPLIT_TILE_MIN = 4  # at least this many tiles of the longest sequence per segment
+_MAX_SEGMENTS = 64
+_PROGRAMS_PER_SM = 8  # programs wanted in flight per SM (latency hiding)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms_cached(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _num_sms_cached(index)
     return 8
 
 
@@ -302,7 +310,7 @@ def choose_num_splits(
     if max_query_len != 1:
         return 1
     programs = max(num_seqs * num_kv_heads, 1)
-    target = 2 * _num_sms(device)
+    target = _PROGRAMS_PER_SM * _num_sms(device)
     if programs >= target:
         return 1
     splits = min(_MAX_SEGMENTS, triton.cdiv(target, programs))
