@@ -72,6 +72,17 @@ def cmd_model_tiny(args) -> None:
     print(build_tiny_llama(args.dir, args.tokenizer, num_layers=args.layers))
 
 
+def cmd_eval(args) -> None:
+    from moa_vllm.evaluation import methods_from_args, run_eval
+
+    methods = methods_from_args(args.model, args.plan, args.uniform, args.uniform_length)
+    report = run_eval(args.model, methods, args.tasks, args.lengths, args.depths,
+                      args.samples, args.fidelity_lengths, args.fidelity_samples,
+                      Path(args.out))
+    print((Path(args.out) / "eval.md").read_text())
+    del report
+
+
 def cmd_serve(args) -> None:
     from moa_vllm.serve import serve
 
@@ -117,6 +128,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="directory with a tokenizer")
     p.add_argument("--layers", type=int, default=4)
     p.set_defaults(func=cmd_model_tiny)
+
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    floats = lambda s: [float(x) for x in s.split(",")]  # noqa: E731
+    p = sub.add_parser("eval", help="accuracy and fidelity through vLLM: dense vs "
+                       "uniform windows vs MoA plans")
+    p.add_argument("--model", required=True)
+    p.add_argument("--plan", action="append", default=[], help="NAME=PATH (repeatable)")
+    p.add_argument("--uniform", type=floats, default=[0.5, 0.25],
+                   help="densities of the uniform-window baselines")
+    p.add_argument("--uniform-length", type=int, default=4096,
+                   help="length at which a uniform baseline has its density")
+    p.add_argument("--tasks", type=lambda s: s.split(","), default=["passkey", "lines", "needle"])
+    p.add_argument("--lengths", type=ints, default=[512, 1024, 2048, 4096])
+    p.add_argument("--depths", type=floats, default=[0.1, 0.5, 0.9])
+    p.add_argument("--samples", type=int, default=3)
+    p.add_argument("--fidelity-lengths", type=ints, default=[2048, 4096, 8000])
+    p.add_argument("--fidelity-samples", type=int, default=2)
+    p.add_argument("--out", default="benchmarks/results/eval")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
         "serve", help="vLLM's OpenAI server with MoA (other arguments go to vLLM)",

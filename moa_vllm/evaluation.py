@@ -1,0 +1,233 @@
+"""`moa-vllm eval`: accuracy and fidelity of MoA against dense and uniform windows,
+all through the real vLLM engine (the serving path), on the same prompts.
+
+Each method is one engine: ``dense`` is vLLM's own backend; every other method is
+the MoA backend with a plan (MoA plans, and StreamingLLM-style uniform plans with
+the same sinks). Results: a JSON file, a markdown table, and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from moa_vllm.eval_tasks import english_token_windows, is_correct, make_samples
+from moa_vllm.plan import Plan, fingerprint_from_hf_config, load_plan, uniform_plan
+
+TOP_K = 20  # vLLM's logprobs cap: fidelity is measured on the dense top-20
+
+
+@dataclass
+class Method:
+    name: str
+    plan: Plan | None  # None: vLLM's own dense backend
+
+
+@dataclass
+class MethodResult:
+    name: str
+    densities: dict[int, dict[str, float]] = field(default_factory=dict)
+    accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> "len/depth"
+    effective_length: dict[str, int] = field(default_factory=dict)
+    perplexity: dict[int, float] = field(default_factory=dict)
+    top1_agreement: dict[int, float] = field(default_factory=dict)
+    kl_top20: dict[int, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def methods_from_args(model_dir, plans: list[str], uniform: list[float],
+                      uniform_length: int) -> list[Method]:
+    from transformers import AutoConfig
+
+    fp = fingerprint_from_hf_config(AutoConfig.from_pretrained(model_dir))
+    methods = [Method("dense", None)]
+    for d in uniform:
+        methods.append(Method(f"uniform-{d}", uniform_plan(fp, d, length=uniform_length)))
+    for spec in plans:
+        name, _, path = spec.rpartition("=")
+        plan = load_plan(path, fp)
+        methods.append(Method(name or Path(path).stem, plan))
+    return methods
+
+
+def start_engine(model_dir, method: Method, workdir: Path, max_model_len: int):
+    from vllm import LLM
+
+    options = dict(model=str(model_dir), dtype="float32", enforce_eager=True,
+                   max_model_len=max_model_len, max_num_seqs=4, seed=0,
+                   kv_cache_memory_bytes=int(os.environ.get("MOA_EVAL_KV_BYTES", 2 << 30)),
+                   max_logprobs=TOP_K)
+    if method.plan is None:
+        os.environ.pop("MOA_PLAN", None)
+        return LLM(block_size=128, **options)
+    path = workdir / f"plan-{method.name}.json"
+    method.plan.save(path)
+    os.environ["MOA_PLAN"] = str(path)
+    return LLM(attention_backend="moa", block_size=16, **options)
+
+
+def stop_engine(llm) -> None:
+    import gc
+
+    core = getattr(llm.llm_engine, "engine_core", None)
+    if core is not None:
+        core.shutdown()
+    del llm
+    gc.collect()
+
+
+def effective_length(acc_by_length: dict[int, float], threshold: float = 0.9) -> int:
+    """Longest length whose accuracy (and every shorter one's) is >= threshold."""
+    best = 0
+    for length in sorted(acc_by_length):
+        if acc_by_length[length] < threshold:
+            break
+        best = length
+    return best
+
+
+def fidelity(dense_lps, method_lps) -> tuple[float, float]:
+    """Top-1 agreement and KL(dense || method) restricted to the dense top-20."""
+    agree, kl, n = 0, 0.0, 0
+    for d, m in zip(dense_lps, method_lps):
+        if d is None or m is None:
+            continue
+        d_top = max(d.items(), key=lambda kv: kv[1].logprob)[0]
+        m_top = max(m.items(), key=lambda kv: kv[1].logprob)[0]
+        agree += d_top == m_top
+        floor = min(lp.logprob for lp in m.values())
+        for token, lp in d.items():
+            p = math.exp(lp.logprob)
+            kl += p * (lp.logprob - (m[token].logprob if token in m else floor))
+        n += 1
+    return agree / max(1, n), kl / max(1, n)
+
+
+def run_eval(model_dir, methods: list[Method], tasks, lengths, depths, samples: int,
+             fidelity_lengths, fidelity_samples: int, out_dir: Path) -> dict:
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompts = make_samples(tok, tasks, lengths, depths, samples)
+    windows = english_token_windows(tok, fidelity_lengths, fidelity_samples)
+    max_len = max([*lengths, *fidelity_lengths]) + 256
+    answer = SamplingParams(temperature=0, max_tokens=16)
+    scoring = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=TOP_K)
+    results, dense_logprobs = [], None
+    for method in tqdm(methods, desc="methods", position=0):
+        started = time.time()
+        res = MethodResult(method.name)
+        if method.plan is not None:
+            from moa_vllm.span_classes import allocated_density, average_density
+
+            res.densities = {n: {"average": average_density(method.plan, n),
+                                 "allocated": allocated_density(method.plan, n, 16)}
+                             for n in sorted({*lengths, *fidelity_lengths})}
+        llm = start_engine(model_dir, method, out_dir, max_len)
+        outs = llm.generate([s.prompt for s in prompts], answer, use_tqdm=True)
+        for task in tasks:
+            cells: dict[str, list[bool]] = {}
+            for s, o in zip(prompts, outs):
+                if s.task == task:
+                    cells.setdefault(f"{s.length}/{s.depth}", []).append(
+                        is_correct(s, o.outputs[0].text))
+            res.accuracy[task] = {k: sum(v) / len(v) for k, v in cells.items()}
+            by_length = {n: sum(res.accuracy[task][f"{n}/{d}"] for d in depths) / len(depths)
+                         for n in lengths}
+            res.effective_length[task] = effective_length(by_length)
+        scored = llm.generate([{"prompt_token_ids": ids} for _, ids in windows], scoring,
+                              use_tqdm=True)
+        lps = [o.prompt_logprobs for o in scored]
+        for length in fidelity_lengths:
+            idx = [i for i, (n, _) in enumerate(windows) if n == length]
+            nll = [-lps[i][p][windows[i][1][p]].logprob
+                   for i in idx for p in range(1, len(windows[i][1]))]
+            res.perplexity[length] = math.exp(sum(nll) / len(nll))
+            if dense_logprobs is not None:
+                pairs = [fidelity(dense_logprobs[i][1:], lps[i][1:]) for i in idx]
+                res.top1_agreement[length] = sum(a for a, _ in pairs) / len(pairs)
+                res.kl_top20[length] = sum(k for _, k in pairs) / len(pairs)
+        if method.plan is None:
+            dense_logprobs = lps
+        stop_engine(llm)
+        res.seconds = time.time() - started
+        results.append(res)
+    report = {"model": str(model_dir), "tasks": list(tasks), "lengths": list(lengths),
+              "depths": list(depths), "samples": samples,
+              "fidelity_lengths": list(fidelity_lengths),
+              "methods": [asdict(r) for r in results]}
+    report = json.loads(json.dumps(report))  # the file's form: str keys
+    (out_dir / "eval.json").write_text(json.dumps(report, indent=1))
+    (out_dir / "eval.md").write_text(markdown(report))
+    plot(report, out_dir)
+    return report
+
+
+def markdown(report: dict) -> str:
+    lengths, rows = report["lengths"], []
+    head = "| method | task | " + " | ".join(f"acc@{n}" for n in lengths) + " | effective length |"
+    rows += [head, "|" + "---|" * (len(lengths) + 3)]
+    for m in report["methods"]:
+        for task, cells in m["accuracy"].items():
+            accs = [sum(v for k, v in cells.items() if k.startswith(f"{n}/"))
+                    / len(report["depths"]) for n in lengths]
+            rows.append(f"| {m['name']} | {task} | " + " | ".join(f"{a:.2f}" for a in accs)
+                        + f" | {m['effective_length'][task]} |")
+    flen = report["fidelity_lengths"]
+    rows += ["", "| method | " + " | ".join(f"ppl@{n}" for n in flen) + " | "
+             + " | ".join(f"top1@{n}" for n in flen) + " | "
+             + " | ".join(f"KL20@{n}" for n in flen) + " |",
+             "|" + "---|" * (3 * len(flen) + 1)]
+    for m in report["methods"]:
+        def cell(d, n, fmt):
+            v = d.get(str(n), d.get(n))
+            return "-" if v is None else fmt.format(v)
+        rows.append(f"| {m['name']} | "
+                    + " | ".join(cell(m["perplexity"], n, "{:.2f}") for n in flen) + " | "
+                    + " | ".join(cell(m["top1_agreement"], n, "{:.3f}") for n in flen) + " | "
+                    + " | ".join(cell(m["kl_top20"], n, "{:.4f}") for n in flen) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def plot(report: dict, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths, depths = report["lengths"], report["depths"]
+    tasks = report["tasks"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for m in report["methods"]:
+            cells = m["accuracy"][task]
+            accs = [sum(cells[f"{n}/{d}"] for d in depths) / len(depths) for n in lengths]
+            ax.plot(lengths, accs, marker="o", label=m["name"])
+        ax.set(title=task, xlabel="prompt tokens", ylabel="accuracy", ylim=(-0.05, 1.05))
+        ax.set_xscale("log", base=2)
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "accuracy_vs_length.png", dpi=120)
+    plt.close(fig)
+    methods = report["methods"]
+    fig, axes = plt.subplots(len(tasks), len(methods), squeeze=False,
+                             figsize=(2.6 * len(methods), 2.4 * len(tasks)))
+    for r, task in enumerate(tasks):
+        for c, m in enumerate(methods):
+            grid = [[m["accuracy"][task][f"{n}/{d}"] for n in lengths] for d in depths]
+            ax = axes[r][c]
+            ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+            ax.set_yticks(range(len(depths)), [str(d) for d in depths], fontsize=7)
+            ax.set_title(f"{m['name']}: {task}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "accuracy_depth_heatmaps.png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,57 @@
+"""Smoke of the evaluation harness end to end through the real engine (the full
+run is `moa-vllm eval`, results in benchmarks/results/eval/)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from moa_testing import model_fingerprint
+from transformers import AutoTokenizer
+
+from moa_vllm.eval_tasks import is_correct, make_samples
+from moa_vllm.evaluation import Method, effective_length, run_eval
+from moa_vllm.plan import uniform_plan
+
+
+def test_tasks_are_sized_seeded_and_carry_their_answer(smollm2_dir):
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    samples = make_samples(tok, ["passkey", "lines", "needle"], [300, 900], [0.0, 1.0], 2)
+    again = make_samples(tok, ["passkey", "lines", "needle"], [300, 900], [0.0, 1.0], 2)
+    assert samples == again
+    for s in samples:
+        n = len(tok(s.prompt)["input_ids"])
+        assert 0.85 * s.length <= n <= 1.15 * s.length + 40, (s.task, s.length, n)
+        assert s.answer in s.prompt and is_correct(s, f"it is {s.answer}.")
+        assert not is_correct(s, "I do not know")
+
+
+def test_effective_length_stops_at_the_first_miss():
+    assert effective_length({512: 1.0, 1024: 0.95, 2048: 0.5, 4096: 1.0}) == 1024
+    assert effective_length({512: 0.2}) == 0
+
+
+@pytest.fixture(scope="module")
+def report(tiny_dir, tmp_path_factory):
+    fp = model_fingerprint(tiny_dir)
+    methods = [
+        Method("dense", None),
+        Method("full", uniform_plan(fp, 1.0)),
+        Method("window", uniform_plan(fp, 0.25, length=512, sink_tokens=16, min_window=16)),
+    ]
+    out = tmp_path_factory.mktemp("eval")
+    return run_eval(tiny_dir, methods, ["passkey"], [256, 512], [0.5], 1, [512], 1, out), out
+
+
+def test_harness_writes_results_and_a_full_plan_is_dense(report):
+    data, out = report
+    assert json.loads((out / "eval.json").read_text()) == data
+    assert (out / "accuracy_vs_length.png").stat().st_size > 0
+    assert (out / "accuracy_depth_heatmaps.png").stat().st_size > 0
+    assert "| full | passkey |" in (out / "eval.md").read_text()
+    dense, full, window = data["methods"]
+    assert full["top1_agreement"]["512"] == 1.0 and full["kl_top20"]["512"] < 1e-4
+    assert full["perplexity"]["512"] == pytest.approx(dense["perplexity"]["512"], rel=1e-3)
+    # a 25% window on a 512-token text changes the next-token distributions
+    assert window["kl_top20"]["512"] > 10 * full["kl_top20"]["512"]
+    assert window["densities"]["512"]["average"] < 0.3
