@@ -1,0 +1,144 @@
+"""Decode throughput and KV memory: dense vLLM vs the MoA backend, same requests,
+back to back in one invocation, same KV budget.
+
+For each prompt length L: N requests of L random tokens, 128 output tokens each
+(ignore_eos). Reported per backend: output tokens/s, peak concurrent requests,
+KV bytes held per request at steady decode (read from vLLM's block pool) and its
+fraction of the dense need, and the MoA/dense ratios.
+
+CPU (this machine): SmolLM2 + a shipped plan. GPU: a Llama-3-8B-shaped model with
+`--load-format dummy` (needs a CUDA vLLM).  `--smoke`: tiny model, short lengths.
+
+    python benchmarks/decode_throughput.py --model .models/smollm2 \\
+        --plan plans/smollm2-135m-uniform-0.5.json --lengths 2048,4096,8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # read the block pool
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def run_backend(model: str, plan: str | None, length: int, requests: int, out_tokens: int,
+                kv_bytes: int, dtype: str, max_num_seqs: int, seed: int = 0) -> dict:
+    from vllm import LLM, SamplingParams
+
+    options = dict(model=model, dtype=dtype, enforce_eager=True, seed=0,
+                   max_model_len=length + out_tokens + 16, max_num_seqs=max_num_seqs,
+                   kv_cache_memory_bytes=kv_bytes, max_num_batched_tokens=2048)
+    if plan:
+        os.environ["MOA_PLAN"] = str(Path(plan).resolve())
+        llm = LLM(attention_backend="moa", block_size=16, **options)
+    else:
+        llm = LLM(block_size=32 if not _has_cuda() else 16, **options)  # CPU: multiple of 32
+    engine = llm.llm_engine
+    sched = engine.engine_core.engine_core.scheduler
+    pool = sched.kv_cache_manager.block_pool
+    total_blocks = pool.num_gpu_blocks - 1  # the null block
+    bytes_per_block = kv_bytes / total_blocks
+    rng = random.Random(seed)
+    params = SamplingParams(temperature=0, max_tokens=out_tokens, ignore_eos=True)
+    for i in range(requests):
+        ids = [rng.randrange(200, 30000) for _ in range(length)]
+        engine.add_request(f"r{i}", {"prompt_token_ids": ids}, params)
+    peak, held, start, produced = 0, [], time.time(), 0
+    decode_start = None
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        produced += sum(len(o.outputs[0].token_ids) for o in outs if o.finished)
+        running = list(sched.running)
+        peak = max(peak, len(running))
+        if running and all(r.num_output_tokens >= 8 for r in running):
+            decode_start = decode_start or time.time()
+            used = total_blocks - pool.get_num_free_blocks()
+            held.append(used * bytes_per_block / len(running))
+    elapsed = time.time() - start
+    engine.engine_core.shutdown()
+    del llm
+    return {"output_tokens_per_s": requests * out_tokens / elapsed, "seconds": elapsed,
+            "peak_running": peak, "kv_bytes_per_request": sum(held) / max(1, len(held)),
+            "samples": len(held)}
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def dense_kv_bytes(model: str, tokens: int, dtype: str) -> int:
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    size = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * size * tokens
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--plan", required=True)
+    ap.add_argument("--lengths", default="2048,4096,8192")
+    ap.add_argument("--requests", type=int, default=8)
+    ap.add_argument("--out-tokens", type=int, default=128)
+    ap.add_argument("--max-num-seqs", type=int, default=8)
+    ap.add_argument("--dense-requests-fit", type=float, default=2.0,
+                    help="KV budget: this many dense requests of the longest kind")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--out", default="benchmarks/results/decode_throughput")
+    args = ap.parse_args()
+    from moa_vllm.plan import load_plan
+    from moa_vllm.span_classes import allocated_density
+
+    plan = load_plan(args.plan)
+    rows = []
+    for length in [int(x) for x in args.lengths.split(",")]:
+        need = dense_kv_bytes(args.model, length + args.out_tokens, args.dtype)
+        kv_bytes = int(args.dense_requests_fit * need)
+        row = {"length": length, "kv_budget_bytes": kv_bytes, "dense_kv_bytes_per_request": need,
+               "predicted_allocated_density": allocated_density(plan, length + args.out_tokens, 16)}
+        for name, p in [("dense", None), ("moa", args.plan)]:
+            row[name] = run_backend(args.model, p, length, args.requests, args.out_tokens,
+                                    kv_bytes, args.dtype, args.max_num_seqs)
+            row[name]["kv_fraction_of_dense"] = row[name]["kv_bytes_per_request"] / need
+            print(json.dumps({name: row[name], "length": length}), flush=True)
+        row["throughput_ratio"] = (row["moa"]["output_tokens_per_s"]
+                                   / row["dense"]["output_tokens_per_s"])
+        rows.append(row)
+    result = {"machine": f"{platform.node()} {platform.processor() or platform.machine()} "
+                         f"{os.cpu_count()} cpus", "date": time.strftime("%Y-%m-%d"),
+              "command": " ".join(sys.argv), "model": args.model, "plan": args.plan,
+              "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    lines = [f"Machine: {result['machine']}, {result['date']}. Command: `{result['command']}`",
+             "", "| L | dense tok/s | MoA tok/s | ratio | peak reqs dense/MoA | "
+             "KV/request dense | KV/request MoA (fraction) | predicted allocated |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        d, m = r["dense"], r["moa"]
+        lines.append(
+            f"| {r['length']} | {d['output_tokens_per_s']:.1f} | {m['output_tokens_per_s']:.1f} "
+            f"| {r['throughput_ratio']:.2f} | {d['peak_running']}/{m['peak_running']} | "
+            f"{d['kv_bytes_per_request'] / 2**20:.1f} MiB | "
+            f"{m['kv_bytes_per_request'] / 2**20:.1f} MiB ({m['kv_fraction_of_dense']:.2f}) | "
+            f"{r['predicted_allocated_density']:.2f} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Smoke of benchmarks/decode_throughput.py (the full run is committed in
+benchmarks/results/): it runs end to end, and MoA's KV per request, read from
+vLLM's block pool, is the plan's allocated density, with at least as many
+requests in flight as dense under the same KV budget."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from moa_testing import model_fingerprint
+
+from moa_vllm.plan import uniform_plan
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_decode_throughput_smoke(tiny_dir, tmp_path):
+    plan = uniform_plan(model_fingerprint(tiny_dir), 0.5, length=512, sink_tokens=16,
+                        min_window=16)
+    plan.save(tmp_path / "plan.json")
+    out = tmp_path / "dt"
+    result = subprocess.run(
+        [sys.executable, "-P", str(ROOT / "benchmarks" / "decode_throughput.py"),
+         "--model", str(tiny_dir), "--plan", str(tmp_path / "plan.json"),
+         "--lengths", "1024", "--requests", "6", "--out-tokens", "32",
+         "--dtype", "float32", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
+    moa, dense = row["moa"], row["dense"]
+    assert moa["samples"] > 0 and dense["samples"] > 0
+    assert abs(moa["kv_fraction_of_dense"] - row["predicted_allocated_density"]) < 0.1
+    assert dense["kv_fraction_of_dense"] > 0.9
+    assert moa["peak_running"] > dense["peak_running"]
