@@ -40,8 +40,10 @@ def run_backend(model: str, plan: str | None, length: int, requests: int, out_to
         llm = LLM(attention_backend="moa", block_size=16, **options)
     else:
         llm = LLM(block_size=32 if not _has_cuda() else 16, **options)  # CPU: multiple of 32
+    from moa_vllm.vllm_surface import llm_scheduler, shutdown_llm
+
     engine = llm.llm_engine
-    sched = engine.engine_core.engine_core.scheduler
+    sched = llm_scheduler(llm)
     pool = sched.kv_cache_manager.block_pool
     total_blocks = pool.num_gpu_blocks - 1  # the null block
     bytes_per_block = kv_bytes / total_blocks
@@ -62,8 +64,7 @@ def run_backend(model: str, plan: str | None, length: int, requests: int, out_to
             used = total_blocks - pool.get_num_free_blocks()
             held.append(used * bytes_per_block / len(running))
     elapsed = time.time() - start
-    engine.engine_core.shutdown()
-    del llm
+    shutdown_llm(llm)
     return {"output_tokens_per_s": requests * out_tokens / elapsed, "seconds": elapsed,
             "peak_running": peak, "kv_bytes_per_request": sum(held) / max(1, len(held)),
             "samples": len(held)}

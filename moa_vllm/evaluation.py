@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from moa_vllm.eval_tasks import english_token_windows, is_correct, make_samples
 from moa_vllm.plan import Plan, fingerprint_from_hf_config, load_plan, uniform_plan
+from moa_vllm.vllm_surface import shutdown_llm
 
 TOP_K = 20  # vLLM's logprobs cap: fidelity is measured on the dense top-20
 
@@ -70,16 +71,6 @@ def start_engine(model_dir, method: Method, workdir: Path, max_model_len: int):
     method.plan.save(path)
     os.environ["MOA_PLAN"] = str(path)
     return LLM(attention_backend="moa", block_size=16, **options)
-
-
-def stop_engine(llm) -> None:
-    import gc
-
-    core = getattr(llm.llm_engine, "engine_core", None)
-    if core is not None:
-        core.shutdown()
-    del llm
-    gc.collect()
 
 
 def effective_length(acc_by_length: dict[int, float], threshold: float = 0.9) -> int:
@@ -157,7 +148,7 @@ def run_eval(model_dir, methods: list[Method], tasks, lengths, depths, samples: 
                 res.kl_top20[length] = sum(k for _, k in pairs) / len(pairs)
         if method.plan is None:
             dense_logprobs = lps
-        stop_engine(llm)
+        shutdown_llm(llm)
         res.seconds = time.time() - started
         results.append(res)
     report = {"model": str(model_dir), "tasks": list(tasks), "lengths": list(lengths),

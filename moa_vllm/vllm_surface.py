@@ -196,3 +196,20 @@ def reshape_and_cache_cuda(key, value, kv_cache, slot_mapping, kv_cache_dtype, l
         key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype,
         layer._k_scale, layer._v_scale,
     )
+
+
+def llm_scheduler(llm):
+    """The scheduler of an offline ``LLM`` whose engine core runs in this process
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): tests and benchmarks read its block pool."""
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def shutdown_llm(llm) -> None:
+    """Stop an offline ``LLM``'s engine processes now (not at garbage collection)."""
+    import gc
+
+    engine_core = getattr(llm.llm_engine, "engine_core", None)
+    if engine_core is not None:
+        engine_core.shutdown()
+    del llm
+    gc.collect()

@@ -3,7 +3,6 @@ fixtures that start one are module-scoped, and start them only through here."""
 
 from __future__ import annotations
 
-import gc
 import os
 import random
 from pathlib import Path
@@ -62,16 +61,15 @@ def start_llm(model_dir, plan=None, tmp_dir=None, backend: str | None = "moa", *
 
 
 def stop_llm(llm) -> None:
-    engine_core = getattr(llm.llm_engine, "engine_core", None)
-    if engine_core is not None:
-        engine_core.shutdown()
-    del llm
-    gc.collect()
+    from moa_vllm.vllm_surface import shutdown_llm
+
+    shutdown_llm(llm)
 
 
 def scheduler(llm):
-    """The engine's scheduler (in this process: VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
-    return llm.llm_engine.engine_core.engine_core.scheduler
+    from moa_vllm.vllm_surface import llm_scheduler
+
+    return llm_scheduler(llm)
 
 
 def held_blocks(llm, request_id: str) -> dict[int, int]:
