@@ -98,16 +98,27 @@ def main() -> int:
                     help="KV budget: this many dense requests of the longest kind")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default="benchmarks/results/decode_throughput")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows of other lengths already in --out")
     args = ap.parse_args()
     from moa_vllm.plan import load_plan
     from moa_vllm.span_classes import allocated_density
 
+    from transformers import AutoConfig
+
     plan = load_plan(args.plan)
+    out = Path(args.out)
+    max_len = AutoConfig.from_pretrained(args.model).max_position_embeddings
     rows = []
-    for length in [int(x) for x in args.lengths.split(",")]:
+    if args.append and Path(f"{out}.json").is_file():
+        rows = json.loads(Path(f"{out}.json").read_text())["rows"]
+    for asked in [int(x) for x in args.lengths.split(",")]:
+        length = min(asked, max_len - args.out_tokens - 16)  # prompt + output must fit
+        rows = [r for r in rows if r["length"] != length]
         need = dense_kv_bytes(args.model, length + args.out_tokens, args.dtype)
         kv_bytes = int(args.dense_requests_fit * need)
-        row = {"length": length, "kv_budget_bytes": kv_bytes, "dense_kv_bytes_per_request": need,
+        row = {"length": length, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
+               "kv_budget_bytes": kv_bytes, "dense_kv_bytes_per_request": need,
                "predicted_allocated_density": allocated_density(plan, length + args.out_tokens, 16)}
         for name, p in [("dense", None), ("moa", args.plan)]:
             row[name] = run_backend(args.model, p, length, args.requests, args.out_tokens,
@@ -117,14 +128,18 @@ def main() -> int:
         row["throughput_ratio"] = (row["moa"]["output_tokens_per_s"]
                                    / row["dense"]["output_tokens_per_s"])
         rows.append(row)
+        write_results(args, sorted(rows, key=lambda r: r["length"]), out)
+    return 0
+
+
+def write_results(args, rows: list[dict], out: Path) -> None:
     result = {"machine": f"{platform.node()} {platform.processor() or platform.machine()} "
-                         f"{os.cpu_count()} cpus", "date": time.strftime("%Y-%m-%d"),
-              "command": " ".join(sys.argv), "model": args.model, "plan": args.plan,
+                         f"{os.cpu_count()} cpus", "model": args.model, "plan": args.plan,
               "rows": rows}
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    lines = [f"Machine: {result['machine']}, {result['date']}. Command: `{result['command']}`",
+    Path(f"{out}.json").write_text(json.dumps(result, indent=1))
+    commands = sorted({f"{r['date']}: `{r['command']}`" for r in rows})
+    lines = [f"Machine: {result['machine']}.", *[f"- {c}" for c in commands],
              "", "| L | dense tok/s | MoA tok/s | ratio | peak reqs dense/MoA | "
              "KV/request dense | KV/request MoA (fraction) | predicted allocated |",
              "|---|---|---|---|---|---|---|---|"]
@@ -136,9 +151,8 @@ def main() -> int:
             f"{d['kv_bytes_per_request'] / 2**20:.1f} MiB | "
             f"{m['kv_bytes_per_request'] / 2**20:.1f} MiB ({m['kv_fraction_of_dense']:.2f}) | "
             f"{r['predicted_allocated_density']:.2f} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":
