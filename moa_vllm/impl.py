@@ -23,6 +23,9 @@ from moa_vllm.vllm_surface import (
 )
 
 
+TORCH_QUERY_TILE = 256  # long prefill chunks: each tile reads only its own window
+
+
 class MoaAttentionImpl(AttentionImpl):
     def __init__(
         self,
@@ -101,21 +104,24 @@ class MoaAttentionImpl(AttentionImpl):
         )
 
     def _forward_torch(self, query, kv_cache, md, spans, output) -> None:
+        """Per request and per tile of queries: gather only the keys inside the
+        spans of that tile (sinks + the widest head's window), then attend."""
         starts = md.query_start_loc_cpu.tolist()
         seq_lens = md.seq_lens.tolist()
         prompt_lens = None if md.prompt_lens is None else md.prompt_lens.tolist()
         for i in range(md.num_reqs):
-            rows = slice(starts[i], starts[i + 1])
+            prompt_len = None if prompt_lens is None else prompt_lens[i]
             q_len = starts[i + 1] - starts[i]
-            if q_len == 0:
-                continue
-            seq_len = seq_lens[i]
-            q_pos = torch.arange(seq_len - q_len, seq_len)
-            n = elastic_lengths(spans, q_pos, None if prompt_lens is None else prompt_lens[i])
-            k_pos = spans.key_positions(int(q_pos[0]), int(n[0]), seq_len)
-            k, v = gather_kv(kv_cache, md.block_table[i], k_pos)
-            out = span_attention(query[rows], k, v, q_pos, k_pos, n, spans, self.scale)
-            output[rows] = out.to(output.dtype)
+            first = seq_lens[i] - q_len  # position of the request's first query row
+            for lo in range(0, q_len, TORCH_QUERY_TILE):
+                hi = min(q_len, lo + TORCH_QUERY_TILE)
+                q_pos = torch.arange(first + lo, first + hi)
+                n = elastic_lengths(spans, q_pos, prompt_len)
+                k_pos = spans.key_positions(first + lo, int(n[0]), first + hi)
+                k, v = gather_kv(kv_cache, md.block_table[i], k_pos)
+                rows = slice(starts[i] + lo, starts[i] + hi)
+                out = span_attention(query[rows], k, v, q_pos, k_pos, n, spans, self.scale)
+                output[rows] = out.to(output.dtype)
 
     def do_kv_cache_update(
         self,
