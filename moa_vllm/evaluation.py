@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -113,6 +114,7 @@ def run_eval(model_dir, methods: list[Method], tasks, lengths, depths, samples: 
     answer = SamplingParams(temperature=0, max_tokens=16)
     scoring = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=TOP_K)
     results, dense_logprobs = [], None
+    plans_dir = tempfile.TemporaryDirectory(prefix="moa-eval-")  # MOA_PLAN files
     for method in tqdm(methods, desc="methods", position=0):
         started = time.time()
         res = MethodResult(method.name)
@@ -122,7 +124,7 @@ def run_eval(model_dir, methods: list[Method], tasks, lengths, depths, samples: 
             res.densities = {n: {"average": average_density(method.plan, n),
                                  "allocated": allocated_density(method.plan, n, 16)}
                              for n in sorted({*lengths, *fidelity_lengths})}
-        llm = start_engine(model_dir, method, out_dir, max_len)
+        llm = start_engine(model_dir, method, Path(plans_dir.name), max_len)
         outs = llm.generate([s.prompt for s in prompts], answer, use_tqdm=True)
         for task in tasks:
             cells: dict[str, list[bool]] = {}
