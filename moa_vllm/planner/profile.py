@@ -1,0 +1,215 @@
+"""Attention-influence profiling.
+
+For every layer, query head and attention entry ``(i, j)``, the first-order change
+of the answer loss when entry ``(i, j)`` is masked and its row renormalised is
+
+    effect_ij = | A_ij * (G_ij - sum_k G_ik A_ik) / (1 - A_ij) |,   G = dL/dA.
+
+(Masking ``j`` gives ``A'_k = A_k / (1 - A_j)`` for ``k != j``; the first-order loss
+change ``sum_k G_k dA_k`` simplifies to ``-A_j (G_j - sum_k G_k A_k) / (1 - A_j)``.)
+
+Memory stays bounded: the model runs with a custom attention function (PyTorch's
+CPU flash kernel, never an ``L x L`` matrix) that saves the detached Q, K, V of each
+layer and hooks the gradient dO of its output. After one backward pass, each
+layer's ``A`` is recomputed in query chunks, ``G = dO @ V^T`` in the same chunks,
+and the effect is block-summed (``block x block``, causal part) at once, summing
+the query heads of each KV head. Only one chunk of one layer is ever dense.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+_STATE: dict = {"mode": None}
+
+ATTN_NAME = "moa_planner"
+
+
+def _planner_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """query ``[B, H, T, D]``, key/value ``[B, Hkv, T, D]`` -> ``[B, T, H, D]``."""
+    mode = _STATE["mode"]
+    if mode == "masked":
+        return _masked_attention(module, query, key, value, scaling)
+    group = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(group, dim=1) if group > 1 else key
+    v = value.repeat_interleave(group, dim=1) if group > 1 else value
+    tq, tk = query.shape[2], k.shape[2]
+    if tq == tk:
+        out = F.scaled_dot_product_attention(query, k, v, is_causal=True, scale=scaling)
+    else:  # cached generation: the queries are the last tq positions
+        keep = torch.ones(tq, tk, dtype=torch.bool, device=query.device).tril(tk - tq)
+        out = F.scaled_dot_product_attention(query, k, v, attn_mask=keep, scale=scaling)
+    if mode == "profile":
+        layer = module.layer_idx
+        _STATE["qkv"][layer] = (
+            query.detach()[0],
+            key.detach()[0],
+            value.detach()[0],
+            scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1]),
+        )
+        if out.requires_grad:
+            out.register_hook(lambda g, layer=layer: _STATE["dO"].__setitem__(layer, g.detach()[0]))
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _masked_attention(module, query, key, value, scaling, chunk: int = 512):
+    """The exact MoA mask of ``_STATE['plan']`` (fp32, query chunks, keys limited to
+    the sinks and the layer's widest window)."""
+    from moa_vllm.oracle import elastic_lengths
+
+    plan = _STATE["plan"]
+    spans = plan.layer_spans(module.layer_idx)
+    q = query[0]
+    k, v = key[0], value[0]
+    hkv, t_len = k.shape[0], k.shape[1]
+    group = q.shape[0] // hkv
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(q.shape[-1])
+    out = torch.empty_like(q)
+    prompt_len = _STATE.get("prompt_len", t_len)
+    for start in range(0, t_len, chunk):
+        end = min(t_len, start + chunk)
+        q_pos = torch.arange(start, end)
+        n = elastic_lengths(spans, q_pos, prompt_len)
+        k_pos = spans.key_positions(start, int(n[0]), end)
+        qc = q[:, start:end].reshape(hkv, group, end - start, -1)
+        kc, vc = k[:, k_pos], v[:, k_pos]
+        scores = torch.einsum("kgtd,ksd->kgts", qc, kc) * scale
+        allowed = spans.mask(q_pos, k_pos, n)[:, None]
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[:, start:end] = torch.einsum("kgts,ksd->kgtd", probs, vc).reshape(q.shape[0], end - start, -1)
+    return out[None].transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_NAME, _planner_attention)
+
+
+def load_model(model_dir, threads: int | None = None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    register()
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation=ATTN_NAME
+    ).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return model, tok
+
+
+def answer_loss(model, ids: list[int], prompt_len: int) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens ``ids[prompt_len:]``."""
+    n_ans = len(ids) - prompt_len
+    out = model(torch.tensor([ids]), logits_to_keep=n_ans + 1, use_cache=False)
+    logits = out.logits[0, :-1].float()
+    target = torch.tensor(ids[prompt_len:])
+    return F.cross_entropy(logits, target)
+
+
+def block_effects(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    d_o: torch.Tensor,
+    scale: float,
+    block: int,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Block-summed effects ``[Hkv, nb, nb]`` of one layer (query heads summed into
+    their KV head). q/d_o ``[H, T, D]``, k/v ``[Hkv, T, D]``."""
+    num_heads, t_len, _ = q.shape
+    hkv = k.shape[0]
+    group = num_heads // hkv
+    nb = -(-t_len // block)
+    chunk = max(block, chunk // block * block)
+    kx = k.repeat_interleave(group, 0) if group > 1 else k
+    vx = v.repeat_interleave(group, 0) if group > 1 else v
+    out = torch.zeros(hkv, nb, nb, dtype=torch.float64)
+    for start in range(0, t_len, chunk):
+        end = min(t_len, start + chunk)
+        kend = end  # causal: no key beyond the chunk's last query
+        s = torch.matmul(q[:, start:end], kx[:, :kend].transpose(1, 2)) * scale
+        causal = torch.arange(kend)[None, :] > torch.arange(start, end)[:, None]
+        s.masked_fill_(causal, float("-inf"))
+        a = torch.softmax(s, dim=-1)
+        g = torch.matmul(d_o[:, start:end], vx[:, :kend].transpose(1, 2))
+        row = (g * a).sum(-1, keepdim=True)
+        eff = (a * (g - row)).abs_() / (1.0 - a).clamp_min(1e-6)
+        # pad to whole blocks, then sum blocks and the query heads of each KV head
+        pq = -(-(end - start) // block) * block - (end - start)
+        pk = -(-kend // block) * block - kend
+        eff = F.pad(eff, (0, pk, 0, pq))
+        qb = eff.shape[1] // block
+        kb = eff.shape[2] // block
+        eff = eff.view(hkv, group, qb, block, kb, block).sum(dim=(1, 3, 5))
+        out[:, start // block : start // block + qb, :kb] += eff.double()
+    return out
+
+
+def profile_sample(model, ids: list[int], prompt_len: int, block: int, length: int) -> tuple[np.ndarray, float]:
+    """Importance ``[layers, Hkv, length/block, length/block]`` of one sample and its loss."""
+    cfg = model.config
+    nb = -(-length // block)
+    _STATE.update(mode="profile", qkv={}, dO={})
+    try:
+        with torch.enable_grad():
+            # Gradients must flow through the activations, not the weights: make
+            # the input embeddings a leaf that requires grad.
+            emb = model.get_input_embeddings()(torch.tensor([ids])).detach().requires_grad_(True)
+            n_ans = len(ids) - prompt_len
+            out = model(inputs_embeds=emb, logits_to_keep=n_ans + 1, use_cache=False)
+            logits = out.logits[0, :-1].float()
+            loss = F.cross_entropy(logits, torch.tensor(ids[prompt_len:]))
+            loss.backward()
+        del out, logits, emb
+        num_layers = cfg.num_hidden_layers
+        hkv = cfg.num_key_value_heads
+        imp = np.zeros((num_layers, hkv, nb, nb), dtype=np.float64)
+        for layer in range(num_layers):
+            q, k, v, scale = _STATE["qkv"].pop(layer)
+            d_o = _STATE["dO"].pop(layer)
+            eff = block_effects(q, k, v, d_o, scale, block)
+            m = eff.shape[1]
+            imp[layer, :, :m, :m] = eff.numpy()
+        return imp, float(loss.detach())
+    finally:
+        _STATE.update(mode=None, qkv={}, dO={})
+
+
+def profile_length(model, samples, length: int, block: int, progress: bool = True) -> tuple[np.ndarray, dict]:
+    """Mean importance over the samples of one profiling length."""
+    from tqdm import tqdm
+
+    total = None
+    losses = []
+    for s in tqdm(samples, desc=f"profile {length}", disable=not progress, leave=False):
+        imp, loss = profile_sample(model, s.ids, len(s.prompt), block, length)
+        total = imp if total is None else total + imp
+        losses.append(loss)
+    mean = total / len(samples)
+    return mean, {
+        "samples": len(samples),
+        "dense_answer_loss": float(np.mean(losses)),
+        "mean_prompt_len": float(np.mean([len(s.prompt) for s in samples])),
+        "mean_answer_len": float(np.mean([len(s.answer) for s in samples])),
+    }
+
+
+@torch.no_grad()
+def masked_answer_loss(model, plan, ids: list[int], prompt_len: int) -> float:
+    """Answer loss with the plan's exact mask (the HF forward of tests/hf_oracle.py,
+    chunked so that no ``L x L`` matrix is built). ``plan=None``: dense."""
+    _STATE.update(mode="masked" if plan is not None else None, plan=plan, prompt_len=prompt_len)
+    try:
+        return float(answer_loss(model, ids, prompt_len))
+    finally:
+        _STATE.update(mode=None, plan=None)

@@ -1,0 +1,50 @@
+"""`moa-vllm plan search` end to end on the tiny random model, then a real engine."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from moa_vllm.cli import build_parser
+from moa_vllm.plan import load_plan
+from moa_vllm.span_classes import allocated_density, average_density
+
+
+def test_plan_search_end_to_end(tiny_dir, tmp_path):
+    from moa_testing import start_llm, stop_llm
+
+    out = tmp_path / "tiny-moa.json"
+    args = build_parser().parse_args([
+        "plan", "search", "--model", str(tiny_dir), "--density", "0.5",
+        "--lengths", "256,512", "--validate-length", "768", "--samples", "2,1",
+        "--validate-samples", "1", "--answer-tokens", "16", "--threads", "2",
+        "--work-dir", str(tmp_path / "work"), "--no-progress", "--out", str(out),
+    ])
+    t0 = time.perf_counter()
+    args.func(args)
+    assert time.perf_counter() - t0 < 60
+    plan = load_plan(out)
+    details = plan.provenance.details
+    assert plan.provenance.method == "moa-search"
+    assert set(details["stage_seconds"]) >= {"profile_256", "profile_512", "milp", "validation"}
+    assert details["solver"]["solves"] and details["validation"]["chosen_loss"] is not None
+    for n in details["density_lengths"]:
+        assert average_density(plan, n) <= 0.5 + 1e-9
+        assert allocated_density(plan, n, 16) <= 0.5 + 1e-9
+    json.dumps(details)
+
+    # resumable: a second run reuses every stage
+    t0 = time.perf_counter()
+    args.func(args)
+    again = load_plan(out)
+    assert again.rules == plan.rules
+    assert "profile_256" not in again.provenance.details["stage_seconds"]
+
+    llm = start_llm(tiny_dir, plan, tmp_path)
+    try:
+        from vllm import SamplingParams
+
+        res = llm.generate(["The quick brown fox " * 40], SamplingParams(max_tokens=4, temperature=0))
+        assert len(res[0].outputs[0].token_ids) == 4
+    finally:
+        stop_llm(llm)
