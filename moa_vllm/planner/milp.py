@@ -423,8 +423,8 @@ def runtime_partition(choice: np.ndarray, keys: np.ndarray, k: int) -> list[int]
 def pareto_filter(sols: list[Solution]) -> list[Solution]:
     ok = [s for s in sols if s.choice.size and np.isfinite(s.objectives).all()]
     uniq: dict[bytes, Solution] = {}
-    for s in ok:
-        uniq.setdefault(s.choice.tobytes(), s)
+    for s in ok:  # distinct plans with distinct objectives (ties: the first found)
+        uniq.setdefault(np.round(s.objectives, 9).tobytes(), s)
     cand = list(uniq.values())
     front = []
     for s in cand:

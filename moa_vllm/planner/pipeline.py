@@ -99,6 +99,7 @@ def run_search(cfg: SearchConfig) -> Plan:
 
     t_start = time.perf_counter()
     times: dict[str, float] = {}
+    cached_times: dict[str, float] = {}  # stages reused from the cache: their original time
     fp = fingerprint_from_hf_config(AutoConfig.from_pretrained(cfg.model))
     lengths = sorted(cfg.lengths)
     samples = cfg.samples or [default_samples(n) for n in lengths]
@@ -129,13 +130,18 @@ def run_search(cfg: SearchConfig) -> Plan:
     def samples_for(length: int, n: int, split: str) -> list[D.Sample]:
         key = _hash({"model": model_key, "data": data_key, "length": length, "n": n, "split": split})
         path = work / f"data-{split}-{length}-{key}.json"
+        stage = f"calibration_{split}_{length}"
         if path.is_file():
+            meta = path.with_suffix(".seconds")
+            if meta.is_file():
+                cached_times[stage] = float(meta.read_text())
             return [D.Sample.from_json(d) for d in json.loads(path.read_text())]
         m, t = get_model()
         seed = cfg.seed if split == "calib" else cfg.seed + 1000003
-        with Stage(times, f"calibration_{split}_{length}"):
+        with Stage(times, stage):
             out = D.build_samples(m, t, length, n, cfg.answer_tokens, seed, cfg.dataset, cfg.progress)
         path.write_text(json.dumps([s.to_json() for s in out]))
+        path.with_suffix(".seconds").write_text(str(times[stage]))
         return out
 
     # 1-2. calibration data and profiles
@@ -149,11 +155,14 @@ def run_search(cfg: SearchConfig) -> Plan:
             z = np.load(path, allow_pickle=False)
             profiles[length] = z["importance"]
             profile_info[length] = json.loads(str(z["info"]))
+            if "seconds" in profile_info[length]:
+                cached_times[f"profile_{length}"] = profile_info[length]["seconds"]
             log.info("profile %d: cached (%s)", length, path.name)
             continue
         m, _ = get_model()
         with Stage(times, f"profile_{length}"):
             imp, info = P.profile_length(m, data, length, cfg.profile_block, cfg.progress)
+        info["seconds"] = times[f"profile_{length}"]
         np.savez(path, importance=imp, info=json.dumps(info))
         profiles[length], profile_info[length] = imp, info
 
@@ -270,6 +279,7 @@ def run_search(cfg: SearchConfig) -> Plan:
                        "dense_loss": dense_loss, "chosen": best,
                        "chosen_loss": scores[best] if scores else None},
         "stage_seconds": times,
+        "cached_stage_seconds": cached_times,
         "total_seconds": total,
         "threads": threads,
         "machine": f"{os.cpu_count()} CPUs",
