@@ -32,9 +32,14 @@ def quantize_beta(beta: float) -> int:
     return int(round(beta * BETA_SCALE))
 
 
+def beta_growth(beta_q, n):
+    """``ceil(beta_q * n / BETA_SCALE)`` in integers; works on ints, numpy and torch."""
+    return -((-beta_q * n) // BETA_SCALE)
+
+
 def window_size(alpha: int, beta_q: int, n: int, min_window: int) -> int:
     """W for one rule at elastic length ``n`` (python ints: scheduler, planner)."""
-    return max(min_window, alpha + -((-beta_q * n) // BETA_SCALE))
+    return max(min_window, alpha + beta_growth(beta_q, n))
 
 
 def elastic_length(position: int, prompt_len: int, elastic: ElasticMode) -> int:
@@ -76,8 +81,7 @@ class LayerSpans:
         n = n.to(torch.int64)[None, :]
         beta_q = self.beta_q.to(torch.int64)[:, None]
         alpha = self.alpha.to(torch.int64)[:, None]
-        ceil_beta_n = -torch.div(-beta_q * n, BETA_SCALE, rounding_mode="floor")
-        return torch.clamp(alpha + ceil_beta_n, min=self.min_window)
+        return torch.clamp(alpha + beta_growth(beta_q, n), min=self.min_window)
 
     def mask(
         self, q_pos: torch.Tensor, k_pos: torch.Tensor, n: torch.Tensor

@@ -22,8 +22,8 @@ import numpy as np
 
 from moa_vllm.span_classes import cdiv
 from moa_vllm.span_mask import (
-    BETA_SCALE,
     ElasticMode,
+    beta_growth,
     elastic_length,
     first_needed_position,
     quantize_beta,
@@ -92,7 +92,7 @@ def dropped_fraction(
         n = t + 1
     else:
         n = np.full_like(t, prompt_len or length)
-    w = np.maximum(min_window, rule.alpha + -((-rule.beta_q * n) // BETA_SCALE))
+    w = np.maximum(min_window, rule.alpha + beta_growth(rule.beta_q, n))
     lo = np.maximum(0, t - w + 1)  # window keys [lo, t]
     s = np.minimum(sink_tokens, t + 1)  # sink keys [0, s)
     lo = np.maximum(lo, s)  # disjoint union [0, s) + [lo, t]
