@@ -37,9 +37,12 @@ def cmd_plan_uniform(args) -> None:
         sink_tokens=args.sink_tokens,
         elastic=args.elastic,
         min_window=args.min_window,
+        grow=args.grow,
     )
     plan.save(args.out)
-    print(f"wrote {args.out}: uniform window {plan.rules[0][0][0]} + {plan.sink_tokens} sinks")
+    alpha, beta = plan.rules[0][0]
+    window = f"{beta:g} * N {alpha:+d}" if beta else str(alpha)
+    print(f"wrote {args.out}: uniform window {window} + {plan.sink_tokens} sinks")
 
 
 def cmd_plan_show(args) -> None:
@@ -56,8 +59,23 @@ def cmd_plan_show(args) -> None:
         "span_classes": [list(c.layers) for c in assign_span_classes(plan)],
         "block_size": args.block_size,
         "densities": _density_report(plan, lengths, args.block_size),
+        "rule_histogram": _rule_histogram(plan),
     }
+    if args.png:
+        from moa_vllm.planner.plots import plan_heatmap
+
+        length = args.length or max(lengths)
+        plan_heatmap(plan, length, args.png)
+        report["heatmap"] = {"png": args.png, "length": length}
     print(json.dumps(report, indent=1))
+
+
+def _rule_histogram(plan) -> list[dict]:
+    """How many KV heads use each ``(alpha, beta)`` rule, most used first."""
+    from collections import Counter
+
+    counts = Counter(tuple(rule) for row in plan.rules for rule in row)
+    return [{"alpha": a, "beta": b, "kv_heads": n} for (a, b), n in counts.most_common()]
 
 
 def cmd_model_smollm2(args) -> None:
@@ -75,7 +93,8 @@ def cmd_model_tiny(args) -> None:
 def cmd_eval(args) -> None:
     from moa_vllm.evaluation import methods_from_args, run_eval
 
-    methods = methods_from_args(args.model, args.plan, args.uniform, args.uniform_length)
+    methods = methods_from_args(args.model, args.plan, args.uniform, args.uniform_length,
+                                args.uniform_elastic)
     report = run_eval(args.model, methods, args.tasks, args.lengths, args.depths,
                       args.samples, args.fidelity_lengths, args.fidelity_samples,
                       Path(args.out))
@@ -101,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--density", type=float, required=True)
     p.add_argument("--length", type=int, help="length the density is met at "
                    "(default: the model's max_position_embeddings)")
+    p.add_argument("--grow", action="store_true",
+                   help="window grows with the input (density met at every length)")
     p.add_argument("--sink-tokens", type=int, default=64)
     p.add_argument("--min-window", type=int, default=64)
     p.add_argument("--elastic", choices=["position", "prompt"], default="position")
@@ -111,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("plan")
     p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--png", help="write a layer x KV head heatmap of the spans here")
+    p.add_argument("--length", type=int, help="length of the heatmap (default: the longest of --lengths)")
     p.set_defaults(func=cmd_plan_show)
 
     from moa_vllm.planner.cli import add_search_parser
@@ -137,8 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", action="append", default=[], help="NAME=PATH (repeatable)")
     p.add_argument("--uniform", type=floats, default=[0.5, 0.25],
                    help="densities of the uniform-window baselines")
-    p.add_argument("--uniform-length", type=int, default=4096,
-                   help="length at which a uniform baseline has its density")
+    p.add_argument("--uniform-length", type=int,
+                   help="fixed uniform windows sized at this length (default: windows that "
+                        "grow with the input, so the density holds at every length)")
+    p.add_argument("--uniform-elastic", type=lambda s: s.split(","),
+                   help="elastic modes of the growing uniform baselines (default: those of "
+                        "the --plan files, else prompt)")
     p.add_argument("--tasks", type=lambda s: s.split(","), default=["passkey", "lines", "needle"])
     p.add_argument("--lengths", type=ints, default=[512, 1024, 2048, 4096])
     p.add_argument("--depths", type=floats, default=[0.1, 0.5, 0.9])

@@ -44,18 +44,31 @@ class MethodResult:
 
 
 def methods_from_args(model_dir, plans: list[str], uniform: list[float],
-                      uniform_length: int) -> list[Method]:
+                      uniform_length: int | None = None,
+                      uniform_elastic: list[str] | None = None) -> list[Method]:
+    """dense, the uniform baselines, then the MoA plans (``NAME=PATH``).
+
+    Uniform baselines have the MoA plans' density at every length (the window
+    grows with the input) in each elastic mode of the plans (default ``prompt``:
+    StreamingLLM's window sized to each prompt); ``uniform_length`` gives the old
+    fixed window instead, sized at that length."""
     from transformers import AutoConfig
 
     fp = fingerprint_from_hf_config(AutoConfig.from_pretrained(model_dir))
-    methods = [Method("dense", None)]
-    for d in uniform:
-        methods.append(Method(f"uniform-{d}", uniform_plan(fp, d, length=uniform_length)))
+    moa = []
     for spec in plans:
         name, _, path = spec.rpartition("=")
-        plan = load_plan(path, fp)
-        methods.append(Method(name or Path(path).stem, plan))
-    return methods
+        moa.append(Method(name or Path(path).stem, load_plan(path, fp)))
+    modes = uniform_elastic or sorted({m.plan.elastic for m in moa}) or ["prompt"]
+    methods = [Method("dense", None)]
+    for d in uniform:
+        if uniform_length:
+            methods.append(Method(f"uniform-{d}-fixed{uniform_length}",
+                                  uniform_plan(fp, d, length=uniform_length)))
+            continue
+        methods += [Method(f"uniform-{d}-{mode}", uniform_plan(fp, d, elastic=mode, grow=True))
+                    for mode in modes]
+    return methods + moa
 
 
 def start_engine(model_dir, method: Method, workdir: Path, max_model_len: int):

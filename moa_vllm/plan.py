@@ -203,28 +203,33 @@ def uniform_plan(
     sink_tokens: int = 64,
     elastic: ElasticMode = "position",
     min_window: int = 64,
+    grow: bool = False,
 ) -> Plan:
-    """StreamingLLM-style baseline: the same fixed window for every head, sized so
-    that sinks + window cover ``density`` of ``length`` tokens."""
+    """StreamingLLM-style baseline: the same window for every head.
+
+    Fixed window (default): sinks + window cover ``density`` of ``length`` tokens
+    (a shorter input keeps more, a longer one less). ``grow=True``: the window
+    grows with the elastic length (``alpha = -sink_tokens``, ``beta = density``),
+    so sinks + window cover ``density`` at every length: the equal-density
+    baseline for a MoA plan whose budget holds at several lengths."""
     if not 0.0 < density <= 1.0:
         raise PlanError(f"--density must be in (0, 1], got {density}")
     length = length or model.max_position_embeddings
-    window = max(min_window, math.ceil(density * length) - sink_tokens)
     if density >= 1.0:
-        window = max(window, model.max_position_embeddings)
-    rules = [[(window, 0.0)] * model.num_kv_heads for _ in range(model.num_layers)]
+        rule, details = (model.max_position_embeddings, 0.0), {"density": 1.0}
+    elif grow:
+        rule, details = (-sink_tokens, density), {"density": density, "grow": True}
+    else:
+        window = max(min_window, math.ceil(density * length) - sink_tokens)
+        rule, details = (window, 0.0), {"density": density, "length": length, "window": window}
     return Plan(
         version=PLAN_VERSION,
         model=model,
         sink_tokens=sink_tokens,
         elastic=elastic,
         min_window=min_window,
-        rules=rules,
-        provenance=Provenance(
-            method="uniform",
-            created=now_iso(),
-            details={"density": density, "length": length, "window": window},
-        ),
+        rules=[[rule] * model.num_kv_heads for _ in range(model.num_layers)],
+        provenance=Provenance(method="uniform", created=now_iso(), details=details),
     )
 
 

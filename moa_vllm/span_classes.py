@@ -100,17 +100,21 @@ def class_of_layer(classes: list[SpanClass], layer: int) -> SpanClass:
     return next(c for c in classes if layer in c.layers)
 
 
+def head_density(alpha: int, beta: float, length: int, sink_tokens: int, min_window: int,
+                 elastic: ElasticMode) -> float:
+    """Fraction of a ``length``-token KV cache that the next query of one head still
+    reads (token granularity, what the kernels read)."""
+    n = elastic_length(length, length, elastic)
+    w = window_size(alpha, quantize_beta(beta), n, min_window)
+    first = first_needed_position(length, w, sink_tokens)
+    kept = min(sink_tokens, length) + max(0, length - first)
+    return min(kept, length) / length
+
+
 def average_density(plan: Plan, length: int) -> float:
-    """Mean over KV heads of the fraction of a ``length``-token KV cache the next
-    query still reads (token granularity, what the kernels read)."""
-    total = 0.0
-    for row in plan.rules:
-        for alpha, beta in row:
-            n = elastic_length(length, length, plan.elastic)
-            w = window_size(alpha, quantize_beta(beta), n, plan.min_window)
-            first = first_needed_position(length, w, plan.sink_tokens)
-            kept = min(plan.sink_tokens, length) + max(0, length - first)
-            total += min(kept, length) / length
+    """Mean ``head_density`` over every KV head of the plan."""
+    total = sum(head_density(alpha, beta, length, plan.sink_tokens, plan.min_window, plan.elastic)
+                for row in plan.rules for alpha, beta in row)
     return total / (plan.model.num_layers * plan.model.num_kv_heads)
 
 

@@ -90,3 +90,14 @@ def test_uniform_density_bounds():
         uniform_plan(FP, 0.0)
     full = uniform_plan(FP, 1.0)
     assert full.rules[0][0][0] >= FP.max_position_embeddings
+
+
+@pytest.mark.parametrize("elastic", ["prompt", "position"])
+def test_growing_uniform_plan_has_its_density_at_every_length(elastic):
+    from moa_vllm.span_classes import average_density
+
+    plan = uniform_plan(FP, 0.25, sink_tokens=16, min_window=16, elastic=elastic, grow=True)
+    fixed = uniform_plan(FP, 0.25, length=256, sink_tokens=16, min_window=16)
+    for n in (256, 512, 1024):
+        assert average_density(plan, n) == pytest.approx(0.25, abs=1 / n)
+    assert average_density(fixed, 1024) < 0.1 and average_density(fixed, 256) == pytest.approx(0.25, abs=1 / 256)

@@ -27,8 +27,9 @@ def cmd_plan_search(args) -> None:
     )
     plan = run_search(cfg)
     d = plan.provenance.details
-    print(f"wrote {args.out}: validation loss {d['validation']['chosen_loss']} "
-          f"(dense {d['validation']['dense_loss']}), {d['total_seconds']} s")
+    v = d["validation"]
+    print(f"wrote {args.out}: validation loss {v['chosen_loss']} (uniform window "
+          f"{v['uniform_loss']}, dense {v['dense_loss']}), {d['total_seconds']} s")
 
 
 def add_search_parser(plan_subparsers) -> None:

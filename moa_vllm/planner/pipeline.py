@@ -17,7 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from moa_vllm.plan import PLAN_VERSION, Plan, Provenance, fingerprint_from_hf_config, now_iso
+from moa_vllm.plan import (
+    PLAN_VERSION,
+    Plan,
+    Provenance,
+    fingerprint_from_hf_config,
+    now_iso,
+    uniform_plan,
+)
 from moa_vllm.span_classes import allocated_density, average_density, num_span_classes
 
 log = logging.getLogger("moa_vllm.planner")
@@ -168,7 +175,8 @@ def run_search(cfg: SearchConfig) -> Plan:
 
     # 3. search space
     with Stage(times, "rule_losses"):
-        rules = parse_rules(cfg.rules) if cfg.rules else default_rules(fp.max_position_embeddings, cfg.min_window)
+        rules = parse_rules(cfg.rules) if cfg.rules else default_rules(
+            fp.max_position_embeddings, cfg.min_window, cfg.sink_tokens, cfg.density)
         losses = np.stack([
             rule_losses(profiles[n], rules, n, cfg.profile_block, cfg.sink_tokens, cfg.min_window,
                         cfg.elastic, int(round(profile_info[n]["mean_prompt_len"])))
@@ -236,20 +244,27 @@ def run_search(cfg: SearchConfig) -> Plan:
         vcache = json.loads(vpath.read_text()) if vpath.is_file() else {}
         from tqdm import tqdm
 
+        # dense and the equal-density uniform window are scored beside the front
+        uniform = uniform_plan(fp, cfg.density, sink_tokens=cfg.sink_tokens, elastic=cfg.elastic,
+                               min_window=cfg.min_window, grow=True)
         with Stage(times, "validation"):
-            todo = [None] + [c for c, _ in front]
-            for choice in tqdm(todo, desc=f"validate {cfg.validate_length}", disable=not cfg.progress, leave=False):
-                plan = None if choice is None else make_plan(choice)
+            todo = [None, uniform] + [make_plan(c) for c, _ in front]
+            for plan in tqdm(todo, desc=f"validate {cfg.validate_length}", disable=not cfg.progress, leave=False):
                 k = "dense" if plan is None else _hash([plan.rules, plan.sink_tokens, plan.elastic, plan.min_window])
                 if k not in vcache:
                     m, _ = get_model()
                     vcache[k] = float(np.mean([P.masked_answer_loss(m, plan, s.ids, len(s.prompt)) for s in vdata]))
                     vpath.write_text(json.dumps(vcache))
                 scores.append(vcache[k])
-        dense_loss, scores = scores[0], scores[1:]
+        dense_loss, uniform_loss, scores = scores[0], scores[1], scores[2:]
         best = int(np.argmin(scores))
+        if scores[best] >= uniform_loss:
+            log.warning("no searched plan beats the uniform window at %d tokens (%.4f vs %.4f): "
+                        "more calibration samples or profiling lengths may help",
+                        cfg.validate_length, scores[best], uniform_loss)
     else:
-        dense_loss, best = None, 0
+        dense_loss = uniform_loss = None
+        best = 0
     choice, objectives = front[best]
 
     total = round(time.perf_counter() - t_start, 2)
@@ -276,7 +291,7 @@ def run_search(cfg: SearchConfig) -> Plan:
                     "validation_loss": None if not scores else round(scores[i], 6)}
                    for i, (_, o) in enumerate(front)],
         "validation": {"length": cfg.validate_length, "samples": cfg.validate_samples,
-                       "dense_loss": dense_loss, "chosen": best,
+                       "dense_loss": dense_loss, "uniform_loss": uniform_loss, "chosen": best,
                        "chosen_loss": scores[best] if scores else None},
         "stage_seconds": times,
         "cached_stage_seconds": cached_times,
@@ -288,8 +303,8 @@ def run_search(cfg: SearchConfig) -> Plan:
     plan.provenance.details["densities"] = densities(plan)
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     plan.save(cfg.out)
-    log.info("wrote %s (validation loss %s, dense %s) in %.1f s", cfg.out,
-             scores[best] if scores else None, dense_loss, total)
+    log.info("wrote %s (validation loss %s, uniform window %s, dense %s) in %.1f s", cfg.out,
+             scores[best] if scores else None, uniform_loss, dense_loss, total)
     return plan
 
 

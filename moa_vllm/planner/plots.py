@@ -5,20 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 from moa_vllm.plan import Plan
-from moa_vllm.span_mask import elastic_length, first_needed_position, quantize_beta, window_size
+from moa_vllm.span_classes import head_density
 
 
 def span_matrix(plan: Plan, length: int) -> np.ndarray:
     """``[layers, kv_heads]``: fraction of a ``length``-token cache each head reads
-    (sinks + window, as in ``span_classes.average_density``)."""
-    out = np.zeros((plan.model.num_layers, plan.model.num_kv_heads))
-    n = elastic_length(length, length, plan.elastic)
-    for l, row in enumerate(plan.rules):
-        for h, (alpha, beta) in enumerate(row):
-            w = window_size(alpha, quantize_beta(beta), n, plan.min_window)
-            first = first_needed_position(length, w, plan.sink_tokens)
-            out[l, h] = min(min(plan.sink_tokens, length) + max(0, length - first), length) / length
-    return out
+    (the terms of ``span_classes.average_density``)."""
+    return np.array([[head_density(alpha, beta, length, plan.sink_tokens, plan.min_window, plan.elastic)
+                      for alpha, beta in row] for row in plan.rules])
 
 
 def plan_heatmap(plan: Plan, length: int, path) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moa_vllm.span_classes import cdiv
+from moa_vllm.span_classes import cdiv, head_density
 from moa_vllm.span_mask import (
     ElasticMode,
     beta_growth,
@@ -47,24 +47,31 @@ class Rule:
         return (int(self.alpha), float(self.beta))
 
 
-def default_rules(max_context: int, min_window: int) -> list[Rule]:
+def default_rules(max_context: int, min_window: int, sink_tokens: int = 64,
+                  density: float | None = None) -> list[Rule]:
     """About 48 rules scaled to the model's context ``C`` (the reference's grid is
     alpha in {-1024, 0, ..., 8192}, beta in {0, 1/8, ..., 1} for its models):
 
     * static windows ``alpha in C * {1/64, 1/32, 1/16, 1/8, 3/16, 1/4, 3/8, 1/2, 3/4, 1}``;
-    * elastic rules ``beta in {1/8, ..., 1}`` x ``alpha in C * {-1/8, 0, 1/32, 1/16, 1/8}``,
-      dropping rules that never exceed ``min_window`` within ``C``.
-    """
+    * elastic rules ``beta in {1/8, ..., 1}`` x ``alpha in {-C/8, -sink_tokens, C/32,
+      C/16, C/8}``, dropping rules that never exceed ``min_window`` within ``C``;
+    * the growing uniform window of ``density`` (``-sink_tokens``, ``density``).
+
+    ``alpha = -sink_tokens`` makes sinks + window exactly ``beta`` of the input, so
+    the equal-density uniform plan is a point of the search space: the MILP can
+    only improve on it (on the profile)."""
     c = max_context
     rules = []
     for f in (1 / 64, 1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 3 / 4, 1):
         rules.append(Rule(max(min_window, int(round(f * c))), 0.0))
-    for beta in [i / 8 for i in range(1, 9)]:
-        for f in (-1 / 8, 0, 1 / 32, 1 / 16, 1 / 8):
-            alpha = int(round(f * c))
+    betas = [i / 8 for i in range(1, 9)]
+    for beta in betas:
+        for alpha in (int(round(-c / 8)), -sink_tokens, *(int(round(f * c)) for f in (1 / 32, 1 / 16, 1 / 8))):
             if alpha + beta * c <= min_window:
                 continue
             rules.append(Rule(alpha, beta))
+    if density is not None and 0 < density < 1:
+        rules.append(Rule(-sink_tokens, density))
     return sorted(set(rules), key=lambda r: (r.beta, r.alpha))
 
 
@@ -137,11 +144,7 @@ def rule_losses(
 
 def rule_density(rule: Rule, length: int, sink_tokens: int, min_window: int, elastic: ElasticMode) -> float:
     """The per-head term of ``span_classes.average_density`` at ``length``."""
-    n = elastic_length(length, length, elastic)
-    w = rule.window(n, min_window)
-    first = first_needed_position(length, w, sink_tokens)
-    kept = min(sink_tokens, length) + max(0, length - first)
-    return min(kept, length) / length
+    return head_density(rule.alpha, rule.beta, length, sink_tokens, min_window, elastic)
 
 
 def rule_held_blocks(

@@ -47,7 +47,7 @@ def random_problem(
     allocated_density: float | None = None,
 ) -> tuple[Problem, list[Rule]]:
     rng = np.random.default_rng(seed)
-    rules = rules or default_rules(max_context, min_window)
+    rules = rules or default_rules(max_context, min_window, sink_tokens, density)
     losses = np.stack([
         rule_losses(random_importance(layers, heads, n, block, rng), rules, n, block,
                     sink_tokens, min_window, elastic)

@@ -104,9 +104,11 @@ def test_dropped_fraction_is_the_runtime_mask(rule, elastic):
 
 
 def test_default_rules_scale_with_context():
-    rules = default_rules(8192, 64)
+    rules = default_rules(8192, 64, sink_tokens=64, density=0.3)
     assert 40 <= len(rules) <= 56
-    assert Rule(8192, 0.0) in rules and Rule(0, 1.0) in rules
+    assert Rule(8192, 0.0) in rules and Rule(-64, 1.0) in rules
+    # the equal-density uniform window is in the grid (also off the 1/8 steps)
+    assert Rule(-64, 0.5) in rules and Rule(-64, 0.3) in rules
     assert all(r.alpha + r.beta * 8192 > 64 for r in rules)
 
 

@@ -28,6 +28,8 @@ def test_plan_search_end_to_end(tiny_dir, tmp_path):
     assert plan.provenance.method == "moa-search"
     assert set(details["stage_seconds"]) >= {"profile_256", "profile_512", "milp", "validation"}
     assert details["solver"]["solves"] and details["validation"]["chosen_loss"] is not None
+    # the equal-density uniform window is scored beside the searched plans
+    assert details["validation"]["uniform_loss"] >= 0.0
     for n in details["density_lengths"]:
         assert average_density(plan, n) <= 0.5 + 1e-9
         assert allocated_density(plan, n, 16) <= 0.5 + 1e-9
