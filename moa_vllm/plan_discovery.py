@@ -54,6 +54,16 @@ def _shipped_candidates(model: ModelFingerprint) -> list[tuple[Path, Plan]]:
     return found
 
 
+def _preference(candidate: tuple[Path, Plan]) -> tuple:
+    """Of several matching shipped plans: searched before uniform, then the
+    densest at the model's context (the safest for accuracy), then the name."""
+    from moa_vllm.span_classes import average_density
+
+    path, plan = candidate
+    return (plan.provenance.method != "moa-search",
+            -average_density(plan, plan.model.max_position_embeddings), path.name)
+
+
 def resolve_plan(model_dir: str | os.PathLike | None, model: ModelFingerprint) -> ResolvedPlan:
     """Find the plan for a model, or raise PlanError naming what was looked at."""
     if env := os.environ.get(PLAN_ENV):
@@ -68,8 +78,11 @@ def resolve_plan(model_dir: str | os.PathLike | None, model: ModelFingerprint) -
             return ResolvedPlan(plan, str(local), "model directory")
     candidates = _shipped_candidates(model)
     if candidates:
-        path, plan = candidates[0]
-        return ResolvedPlan(plan, str(path), "shipped plans (fingerprint match)")
+        (path, plan), *others = sorted(candidates, key=_preference)
+        how = "shipped plans (fingerprint match)"
+        if others:
+            how += "; also matching: " + ", ".join(p.name for p, _ in others)
+        return ResolvedPlan(plan, str(path), how)
     looked = ", ".join(str(d) for d in shipped_plans_dirs()) or "no plans directory"
     raise PlanError(
         f"no MoA plan for {model.describe()}: set {PLAN_ENV}=path, put "
