@@ -10,7 +10,7 @@ from moa_testing import model_fingerprint
 from transformers import AutoTokenizer
 
 from moa_vllm.eval_tasks import is_correct, make_samples
-from moa_vllm.evaluation import Method, effective_length, run_eval
+from moa_vllm.evaluation import Method, effective_length, methods_from_args, run_eval
 from moa_vllm.plan import uniform_plan
 
 
@@ -29,6 +29,20 @@ def test_tasks_are_sized_seeded_and_carry_their_answer(smollm2_dir):
 def test_effective_length_stops_at_the_first_miss():
     assert effective_length({512: 1.0, 1024: 0.95, 2048: 0.5, 4096: 1.0}) == 1024
     assert effective_length({512: 0.2}) == 0
+
+
+def test_uniform_baselines_match_the_plans_density_at_every_length(tiny_dir, tmp_path):
+    from moa_vllm.span_classes import average_density
+
+    fp = model_fingerprint(tiny_dir)
+    uniform_plan(fp, 0.5, elastic="position", grow=True).save(tmp_path / "pos.json")
+    methods = methods_from_args(tiny_dir, [f"moa={tmp_path / 'pos.json'}"], [0.25])
+    assert [m.name for m in methods] == ["dense", "uniform-0.25-position", "moa"]
+    baseline = methods[1].plan
+    assert [round(average_density(baseline, n), 2) for n in (512, 1024, 2048)] == [0.25] * 3
+    fixed = methods_from_args(tiny_dir, [], [0.25], uniform_length=512)[1]
+    assert fixed.name == "uniform-0.25-fixed512" and fixed.plan.elastic == "position"
+    assert methods_from_args(tiny_dir, [], [0.5])[1].plan.elastic == "prompt"
 
 
 @pytest.fixture(scope="module")
