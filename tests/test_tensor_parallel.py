@@ -1,0 +1,52 @@
+"""Tensor parallelism: each rank attends with the rules of its own KV heads
+(``vllm_surface.tp_kv_head_slice``). A real TP=2 engine on CPU (two workers, one
+core each) must equal TP=1 under a plan whose two KV heads differ, while the plan
+with the heads' rules swapped gives other results (so a wrong slice would show)."""
+
+from __future__ import annotations
+
+import pytest
+from moa_testing import model_fingerprint, start_llm, stop_llm
+
+from moa_vllm.plan import PLAN_VERSION, Plan, Provenance, now_iso
+
+PROMPT = "The quick brown fox jumps over the lazy dog. " * 30
+
+
+def head_plan(tiny_dir, narrow_head: int) -> Plan:
+    fp = model_fingerprint(tiny_dir)
+    rules = [(16, 0.0), (2048, 0.0)] if narrow_head == 0 else [(2048, 0.0), (16, 0.0)]
+    return Plan(version=PLAN_VERSION, model=fp, sink_tokens=4, elastic="position", min_window=8,
+                rules=[rules for _ in range(fp.num_layers)],
+                provenance=Provenance(method="test-tp", created=now_iso()))
+
+
+def run(tiny_dir, plan, tmp_path, tp: int) -> tuple[list[int], list[float]]:
+    from vllm import SamplingParams
+
+    extra = {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"} if tp == 2 else {}
+    llm = start_llm(tiny_dir, plan, tmp_path, **extra)
+    try:
+        out = llm.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0, logprobs=0))[0].outputs[0]
+        return list(out.token_ids), [lp[t].logprob for t, lp in zip(out.token_ids, out.logprobs)]
+    finally:
+        stop_llm(llm)
+
+
+@pytest.fixture(scope="module")
+def results(tiny_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tp")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per CPU worker
+        tp2 = run(tiny_dir, head_plan(tiny_dir, 0), tmp, tp=2)
+    return {"tp2": tp2, "tp1": run(tiny_dir, head_plan(tiny_dir, 0), tmp, tp=1),
+            "swapped": run(tiny_dir, head_plan(tiny_dir, 1), tmp, tp=1)}
+
+
+def test_tp2_equals_tp1_and_the_heads_rules_matter(results):
+    ids1, lp1 = results["tp1"]
+    ids2, lp2 = results["tp2"]
+    assert ids2 == ids1
+    assert lp2 == pytest.approx(lp1, abs=1e-3)
+    ids_s, lp_s = results["swapped"]
+    assert ids_s != ids1 or max(abs(a - b) for a, b in zip(lp_s, lp1)) > 1e-2
