@@ -4,9 +4,11 @@ The default source works offline: real English prose from the Python standard
 library's own documentation (``pydoc_data.topics``, ~465k characters shipped with
 every CPython), turned into synthetic long-range tasks:
 
-* ``lines``: LongEval-style key-value retrieval. ``Line <w>-<w>: REGISTER_CONTENT is
-  <n>.`` lines are scattered through the prose; the question asks for one of them
-  and a one-sentence description of the document.
+* ``facts``: key-value retrieval. Two ``The access code of <w>-<w> is <n>.``
+  sentences are scattered through the prose; the question asks for one code.
+  The targets must be answers the dense model gets right, or the profile cannot
+  see which heads retrieve: SmolLM2-135M fails LongEval-style lines (many 5-digit
+  registers) at every length, but finds one of a few short codes.
 * ``passages``: multi-passage summarisation. Several titled passages (one per
   documentation topic); the question asks to summarise one of them (not the last).
 * ``topics``: whole-document question: list every topic with one sentence each.
@@ -29,9 +31,10 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
-TASKS = ("lines", "passages", "topics")
+TASKS = ("facts", "passages", "topics")
+FACTS_PER_PROMPT = 2
 DOC = "\x00DOC\x00"
 
 
@@ -106,7 +109,7 @@ class PromptBuilder:
         return self._tmpl[question]
 
 
-def _fill(segments: list[list[int]], budget: int) -> list[int]:
+def _fill(segments: Iterable[list[int]], budget: int) -> list[int]:
     out: list[int] = []
     for s in segments:
         if len(out) >= budget:
@@ -126,46 +129,28 @@ def synthetic_prompt(
     """One prompt of exactly ``budget`` tokens (when the corpus allows)."""
     names = list(topics)
     enc = builder.enc
-    if task == "lines":
-        n_lines = max(4, budget // 256)
-        keys = []
-        while len(keys) < n_lines:
+    if task == "facts":
+        keys: list[str] = []
+        while len(keys) < FACTS_PER_PROMPT:
             k = f"{rng.choice(words)}-{rng.choice(words)}"
             if k not in keys:
                 keys.append(k)
-        values = [rng.randrange(10000, 99999) for _ in keys]
+        codes = [rng.randrange(100, 1000) for _ in keys]
         asked = rng.randrange(len(keys))
-        question = (
-            f"What is the REGISTER_CONTENT in line {keys[asked]}? Give the number, "
-            "then describe the document in one sentence."
-        )
+        question = f"What is the access code of {keys[asked]}? Answer with the code only."
         prefix, suffix = builder.frame(question)
-        lines = [enc(f"Line {k}: REGISTER_CONTENT is {v}.\n\n") for k, v in zip(keys, values)]
-        prose_budget = budget - len(prefix) - len(suffix) - sum(map(len, lines))
+        facts = [enc(f"The access code of {k} is {c}.\n\n") for k, c in zip(keys, codes)]
+        prose_budget = budget - len(prefix) - len(suffix) - sum(map(len, facts))
         start = rng.randrange(len(names))
-        paras = [
-            enc(p + "\n\n")
-            for name in names[start:] + names[:start]
-            for p in topics[name]
-        ]
-        prose = []
-        for p in paras:
-            if sum(map(len, prose)) >= prose_budget:
-                break
-            prose.append(p)
-        excess = sum(map(len, prose)) - max(0, prose_budget)
-        while prose and excess > 0:
-            cut = min(excess, len(prose[-1]))
-            prose[-1] = prose[-1][: len(prose[-1]) - cut]
-            excess -= cut
-            if not prose[-1]:
-                prose.pop()
-        body_parts = prose
-        slots = sorted(rng.choices(range(len(body_parts) + 1), k=len(lines)))
-        for offset, (slot, line) in enumerate(zip(slots, lines)):
-            body_parts.insert(slot + offset, line)
-        body = _fill(body_parts, budget - len(prefix) - len(suffix))
-        return prefix + body + suffix
+        paras = (enc(p + "\n\n") for name in names[start:] + names[:start] for p in topics[name])
+        body = _fill(paras, max(0, prose_budget))
+        cuts = sorted(rng.randrange(len(body) + 1) for _ in facts)
+        parts, prev = [], 0
+        for cut, fact in zip(cuts, facts):
+            parts += [body[prev:cut], fact]
+            prev = cut
+        parts.append(body[prev:])
+        return prefix + _fill(parts, budget - len(prefix) - len(suffix)) + suffix
     if task == "passages":
         order = rng.sample(names, len(names))
         cap = max(64, budget // 4)

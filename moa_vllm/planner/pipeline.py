@@ -118,7 +118,7 @@ def run_search(cfg: SearchConfig) -> Plan:
     model_key = _model_id(cfg.model)
     data_key = {
         "dataset": None if cfg.dataset is None else _model_id_file(cfg.dataset),
-        "answer_tokens": cfg.answer_tokens, "seed": cfg.seed, "data_version": 1,
+        "answer_tokens": cfg.answer_tokens, "seed": cfg.seed, "data_version": 2,
     }
     threads = cfg.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -277,7 +277,7 @@ def run_search(cfg: SearchConfig) -> Plan:
         "profile_block": cfg.profile_block,
         "samples_per_length": dict(zip(map(str, lengths), samples)),
         "profiles": {str(n): profile_info[n] for n in lengths},
-        "data": {"source": cfg.dataset or "synthetic (pydoc_data.topics): lines, passages, topics",
+        "data": {"source": cfg.dataset or "synthetic (pydoc_data.topics): facts, passages, topics",
                  "targets": "dense model greedy answers" if not cfg.dataset else "dataset answers or dense greedy",
                  "answer_tokens": cfg.answer_tokens, "seed": cfg.seed},
         "rules_grid": [r.as_tuple() for r in rules],
