@@ -46,7 +46,10 @@ def add_search_parser(plan_subparsers) -> None:
     p.add_argument("--density-lengths", type=_ints,
                    help="lengths the densities are constrained at (default: profiling lengths, "
                         "validation length and max_position_embeddings)")
-    p.add_argument("--elastic", choices=["position", "prompt"], default="position")
+    p.add_argument("--elastic", choices=["position", "prompt"], default="prompt",
+                   help="prompt: N = prompt length, every prompt query keeps the whole span "
+                        "(better accuracy at equal density; prefix caching off); position: "
+                        "N = t + 1 (prefix caching stays on)")
     p.add_argument("--max-span-classes", type=int, default=4)
     p.add_argument("--block-size", type=int, default=16, help="runtime KV block size")
     p.add_argument("--sink-tokens", type=int, default=64)

@@ -39,7 +39,7 @@ class SearchConfig:
     validate_length: int | None = 12288
     density_lengths: list[int] | None = None
     allocated_density: float | None = None
-    elastic: str = "position"
+    elastic: str = "prompt"
     max_span_classes: int = 4
     block_size: int = 16
     sink_tokens: int = 64
