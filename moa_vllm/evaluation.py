@@ -123,7 +123,10 @@ def run_eval(model_dir, methods: list[Method], tasks, lengths, depths, samples: 
     tok = AutoTokenizer.from_pretrained(model_dir)
     prompts = make_samples(tok, tasks, lengths, depths, samples)
     windows = english_token_windows(tok, fidelity_lengths, fidelity_samples)
-    max_len = max([*lengths, *fidelity_lengths]) + 256
+    from transformers import AutoConfig
+
+    context = AutoConfig.from_pretrained(model_dir).max_position_embeddings
+    max_len = min(context, max([*lengths, *fidelity_lengths]) + 256)
     answer = SamplingParams(temperature=0, max_tokens=16)
     scoring = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=TOP_K)
     results, dense_logprobs = [], None
