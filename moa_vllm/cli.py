@@ -153,13 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_model_tiny)
 
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
-    floats = lambda s: [float(x) for x in s.split(",")]  # noqa: E731
+    floats = lambda s: [float(x) for x in s.split(",") if x]  # noqa: E731
     p = sub.add_parser("eval", help="accuracy and fidelity through vLLM: dense vs "
                        "uniform windows vs MoA plans")
     p.add_argument("--model", required=True)
     p.add_argument("--plan", action="append", default=[], help="NAME=PATH (repeatable)")
     p.add_argument("--uniform", type=floats, default=[0.5, 0.25],
-                   help="densities of the uniform-window baselines")
+                   help="densities of the uniform-window baselines (\"\": none)")
     p.add_argument("--uniform-length", type=int,
                    help="fixed uniform windows sized at this length (default: windows that "
                         "grow with the input, so the density holds at every length)")
