@@ -40,7 +40,9 @@ def add_search_parser(plan_subparsers) -> None:
     p.add_argument("--density", type=float, required=True,
                    help="KV density budget (average and allocated) at every length of interest")
     p.add_argument("--allocated-density", type=float,
-                   help="budget of the runtime's allocated density (default: --density)")
+                   help="budget of the runtime's allocated density, the KV blocks vLLM holds "
+                        "(default: --density; 1.0 frees each KV head from its layer class: "
+                        "per-head plans that keep retrieval heads wide)")
     p.add_argument("--lengths", type=_ints, default=[2048, 4096, 8192], help="profiling lengths")
     p.add_argument("--validate-length", type=int, default=12288, help="unseen validation length (0: none)")
     p.add_argument("--density-lengths", type=_ints,
