@@ -55,13 +55,17 @@ def _shipped_candidates(model: ModelFingerprint) -> list[tuple[Path, Plan]]:
 
 
 def _preference(candidate: tuple[Path, Plan]) -> tuple:
-    """Of several matching shipped plans: searched before uniform, then the
-    densest at the model's context (the safest for accuracy), then the name."""
+    """Of several matching shipped plans: searched before uniform, then the highest
+    density budget (the safest for accuracy), then the lowest validation loss of
+    the search, then the name."""
     from moa_vllm.span_classes import average_density
 
     path, plan = candidate
-    return (plan.provenance.method != "moa-search",
-            -average_density(plan, plan.model.max_position_embeddings), path.name)
+    details = plan.provenance.details
+    budget = details.get("density") or average_density(plan, plan.model.max_position_embeddings)
+    loss = (details.get("validation") or {}).get("chosen_loss")
+    return (plan.provenance.method != "moa-search", -round(float(budget), 4),
+            float("inf") if loss is None else float(loss), path.name)
 
 
 def resolve_plan(model_dir: str | os.PathLike | None, model: ModelFingerprint) -> ResolvedPlan:

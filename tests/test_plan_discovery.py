@@ -48,13 +48,14 @@ def test_no_plan_says_how_to_make_one(dirs):
         resolve_plan(model_dir, OTHER.model_copy(update={"num_layers": 7}))
 
 
-def test_of_several_shipped_plans_the_densest_searched_one_serves(dirs):
+def test_of_several_shipped_plans_the_best_searched_one_serves(dirs):
     model_dir, plans_dir = dirs
     uniform_plan(FP, 0.9).save(plans_dir / "a-uniform.json")
-    for name, density in (("b-searched-0.25", 0.25), ("c-searched-0.5", 0.5)):
+    for name, density, loss in (("b-0.25", 0.25, 0.5), ("c-0.5", 0.5, 0.9), ("d-0.5", 0.5, 0.8)):
         plan = uniform_plan(FP, density)
         plan.provenance.method = "moa-search"
+        plan.provenance.details = {"density": density, "validation": {"chosen_loss": loss}}
         plan.save(plans_dir / f"{name}.json")
     found = resolve_plan(model_dir, FP)
-    assert found.source.endswith("c-searched-0.5.json")
-    assert "also matching: b-searched-0.25.json, a-uniform.json" in found.how
+    assert found.source.endswith("d-0.5.json")
+    assert "also matching: c-0.5.json, b-0.25.json, a-uniform.json" in found.how
