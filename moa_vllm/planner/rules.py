@@ -64,9 +64,9 @@ def default_rules(max_context: int, min_window: int, sink_tokens: int = 64,
     rules = []
     for f in (1 / 64, 1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 3 / 4, 1):
         rules.append(Rule(max(min_window, int(round(f * c))), 0.0))
-    betas = [i / 8 for i in range(1, 9)]
-    for beta in betas:
-        for alpha in (int(round(-c / 8)), -sink_tokens, *(int(round(f * c)) for f in (1 / 32, 1 / 16, 1 / 8))):
+    elastic_alphas = [int(round(-c / 8)), -sink_tokens] + [int(round(f * c)) for f in (1 / 32, 1 / 16, 1 / 8)]
+    for beta in (i / 8 for i in range(1, 9)):
+        for alpha in elastic_alphas:
             if alpha + beta * c <= min_window:
                 continue
             rules.append(Rule(alpha, beta))
