@@ -199,7 +199,7 @@ def measure_copy_bw() -> float:
 # --------------------------------------------------------------------------- main
 def run(args) -> dict:
     from moa_kernels import span_attention_paged
-    from moa_kernels.span_attention import choose_num_splits
+    from moa_kernels.span_attention import TILE_SIZE, choose_num_splits
 
     span_mask = _import_span_mask()
     device = "cuda" if HAS_CUDA else "cpu"
@@ -290,8 +290,8 @@ def run(args) -> dict:
                     "density": need_bytes / dense_bytes,
                     "bytes": need_bytes,
                     "bandwidth": need_bytes / t,
-                    "splits": splits or choose_num_splits(batch, Hkv, 1, ctx, args.tile or 32,
-                                                          query.device),
+                    "splits": splits or choose_num_splits(batch, Hkv, 1, ctx, query.device,
+                                                          args.tile or TILE_SIZE),
                 }
                 if t_dense:
                     r["ratio_to_dense"] = t / t_dense

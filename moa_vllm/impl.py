@@ -10,17 +10,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moa_vllm.backend import runtime_plan
 from moa_vllm.metadata import MoaAttentionMetadata
 from moa_vllm.oracle import elastic_lengths, gather_kv
-from moa_vllm.span_mask import LayerSpans
 from moa_vllm.vllm_surface import (
     AttentionImpl,
     AttentionLayer,
     AttentionType,
-    layer_index,
     reshape_and_cache_cuda,
-    tp_kv_head_slice,
 )
 
 
@@ -77,14 +73,6 @@ class MoaAttentionImpl(AttentionImpl):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = None
-        self._plan, _ = runtime_plan()  # the config is only current at construction
-        self._spans: LayerSpans | None = None
-
-    def _layer_spans(self, layer: AttentionLayer, device: torch.device) -> LayerSpans:
-        if self._spans is None:
-            heads = tp_kv_head_slice(self.num_kv_heads, self._plan.model.num_kv_heads)
-            self._spans = self._plan.layer_spans(layer_index(layer.layer_name), heads).to(device)
-        return self._spans
 
     def forward(
         self,
@@ -102,7 +90,7 @@ class MoaAttentionImpl(AttentionImpl):
             raise NotImplementedError("MoA attention does not fuse output quantization")
         if attn_metadata is None:  # profiling run
             return output
-        spans = self._layer_spans(layer, query.device)
+        spans = attn_metadata.layer_spans[layer.layer_name]
         num_tokens = attn_metadata.num_actual_tokens
         if query.is_cuda:
             self._forward_triton(query[:num_tokens], kv_cache, attn_metadata, spans, output)
@@ -118,6 +106,7 @@ class MoaAttentionImpl(AttentionImpl):
             spans.alpha, spans.beta_q, spans.sink_tokens, spans.min_window,
             spans.elastic == "position", md.prompt_lens, self.scale,
             output[: query.shape[0]], md.max_query_len, md.max_seq_len,
+            num_splits=md.num_splits,
         )
 
     def _forward_torch(self, query, kv_cache, md, spans, output) -> None:

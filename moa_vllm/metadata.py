@@ -1,14 +1,28 @@
-"""Per-step attention metadata of the MoA backend and its builder."""
+"""Per-step attention metadata of the MoA backend and its builder.
+
+The builder owns every device tensor the kernels read that is not one of the
+runner's own persistent buffers (the layers' spans, the prompt lengths), so a
+decode step captured in a CUDA graph replays on the values of the current step.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from moa_vllm.backend import runtime_plan
+from moa_vllm.span_mask import LayerSpans
 from moa_vllm.vllm_surface import (
+    AttentionCGSupport,
     AttentionMetadataBuilder,
     CommonAttentionMetadata,
+    full_decode_graphs,
+    layer_index,
+    max_num_seqs,
+    tp_kv_head_slice,
 )
 
 
@@ -27,14 +41,34 @@ class MoaAttentionMetadata:
     prompt_lens: torch.Tensor | None  # [B] int32, elastic="prompt" only
     query_start_loc_cpu: torch.Tensor
     num_reqs: int
+    layer_spans: Mapping[str, LayerSpans]  # this rank's KV heads, on the device
+    num_splits: int | None  # split-KV segments fixed by the builder; None: kernel's choice
 
 
 class MoaAttentionMetadataBuilder(AttentionMetadataBuilder[MoaAttentionMetadata]):
     """Gives every request its elastic N: positions follow from ``seq_lens`` and the
-    query lengths; prompt lengths come from the runner (see ``vllm_surface``)."""
+    query lengths; prompt lengths come from the runner (see ``vllm_surface``).
+
+    Pure single-token decode batches can be replayed as full CUDA graphs: the
+    kernel's launch depends only on shapes and host integers fixed here, and
+    every tensor it reads is a persistent buffer (the runner's or ours). Mixed
+    batches run with piecewise graphs (attention eager).
+    """
+
+    _cudagraph_support: ClassVar[AttentionCGSupport] = (
+        AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    )
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        plan, _ = runtime_plan(vllm_config)
+        self.num_kv_heads = kv_cache_spec.num_kv_heads  # this rank's
+        heads = tp_kv_head_slice(self.num_kv_heads, plan.model.num_kv_heads)
+        self.layer_spans = {
+            name: plan.layer_spans(layer_index(name), heads).to(device) for name in layer_names
+        }
+        self.prompt_lens = torch.zeros(max_num_seqs(vllm_config), dtype=torch.int32,
+                                       device=device)
 
     def build(
         self,
@@ -44,11 +78,10 @@ class MoaAttentionMetadataBuilder(AttentionMetadataBuilder[MoaAttentionMetadata]
     ) -> MoaAttentionMetadata:
         cm = common_attn_metadata
         num_reqs = cm.num_reqs
-        prompt_lens = cm.rswa_prefix_lens
-        if prompt_lens is not None:
-            prompt_lens = prompt_lens[:num_reqs].to(
-                device=cm.seq_lens.device, dtype=torch.int32, non_blocking=True
-            )
+        prompt_lens = None
+        if cm.rswa_prefix_lens is not None:  # a host tensor: stage it in our buffer
+            prompt_lens = self.prompt_lens[:num_reqs]
+            prompt_lens.copy_(cm.rswa_prefix_lens[:num_reqs], non_blocking=True)
         return MoaAttentionMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             max_query_len=cm.max_query_len,
@@ -60,4 +93,15 @@ class MoaAttentionMetadataBuilder(AttentionMetadataBuilder[MoaAttentionMetadata]
             prompt_lens=prompt_lens,
             query_start_loc_cpu=cm.query_start_loc_cpu[: num_reqs + 1],
             num_reqs=num_reqs,
+            layer_spans=self.layer_spans,
+            num_splits=self._decode_splits(num_reqs, cm.max_query_len),
         )
+
+    def _decode_splits(self, num_reqs: int, max_query_len: int) -> int | None:
+        """A graph captured at one length replays at every length, so with full
+        decode graphs the split count may depend on the batch size only."""
+        if max_query_len != 1 or not full_decode_graphs(self.vllm_config):
+            return None
+        from moa_kernels import choose_num_splits
+
+        return choose_num_splits(num_reqs, self.num_kv_heads, 1, None, self.device)

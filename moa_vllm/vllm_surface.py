@@ -184,6 +184,19 @@ def tp_kv_head_slice(num_local_kv_heads: int, num_total_kv_heads: int) -> slice:
     return slice(start, start + num_local_kv_heads)
 
 
+def max_num_seqs(vllm_config: VllmConfig) -> int:
+    return vllm_config.scheduler_config.max_num_seqs
+
+
+def full_decode_graphs(vllm_config: VllmConfig) -> bool:
+    """Whether decode steps may replay as full CUDA graphs (vLLM resolves the mode
+    after the builders exist, so ask at build time)."""
+    from vllm.config import CUDAGraphMode
+
+    mode = vllm_config.compilation_config.cudagraph_mode
+    return mode is not None and mode.decode_mode() == CUDAGraphMode.FULL
+
+
 def reshape_and_cache_cuda(key, value, kv_cache, slot_mapping, kv_cache_dtype, layer):
     """vLLM's own KV write for its default layout (CUDA)."""
     from vllm.v1.attention.ops.triton_reshape_and_cache_flash import (

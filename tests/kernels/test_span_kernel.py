@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from _helpers import assert_matches, make_case, reference, run_kernel, span_needed
+
+from moa_kernels import choose_num_splits
 
 HEAD = 32
 
@@ -134,3 +138,18 @@ def test_poisoned_outside_spans(device, splits, elastic):
     out = run_kernel(case, num_splits=splits).cpu().float()
     assert not torch.isnan(out).any()
     assert (out - ref).abs().max() < 2e-4
+
+
+@pytest.mark.parametrize("elastic", ["position", "prompt"])
+def test_decode_replays_the_launch_of_a_capture(device, elastic):
+    # A full CUDA graph replays the host integers of its capture (grid, split
+    # count, max_seq_len = 1) on the buffers of any later step; segments of short
+    # sequences get no tiles at all.
+    case = make_case(
+        [700, 5, 300], [1, 1, 1], num_heads=8, num_kv_heads=2, head_size=HEAD,
+        rules=[(8, 0.25), (40, 0.0)], sink_tokens=4, elastic=elastic,
+        prompt_lens=[650, 3, 280] if elastic == "prompt" else None, device=device, seed=21,
+    )
+    splits = choose_num_splits(3, 2, 1, None, torch.device(device))
+    assert splits > 1
+    assert_matches(dataclasses.replace(case, max_seq_len=1), num_splits=splits)

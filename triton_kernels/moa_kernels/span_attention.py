@@ -279,6 +279,8 @@ def _reduce_segments_kernel(
     )
 
 
+TILE_SIZE = 32  # keys per loop iteration (decode and prefill)
+
 # Split-KV heuristic knobs (decode only).
 _SPLIT_TILE_MIN = 4  # at least this many tiles of the longest sequence per segment
 _MAX_SEGMENTS = 64
@@ -301,12 +303,14 @@ def choose_num_splits(
     num_seqs: int,
     num_kv_heads: int,
     max_query_len: int,
-    max_seq_len: int,
-    tile: int,
+    max_seq_len: int | None,
     device: torch.device,
+    tile: int = TILE_SIZE,
 ) -> int:
     """Segments per program for decode: enough programs to fill the device, each
-    with at least ``_SPLIT_TILE_MIN`` tiles. Host integers only (no sync)."""
+    with at least ``_SPLIT_TILE_MIN`` tiles of the longest sequence when its
+    length is known (``None``: a CUDA graph that replays at any length). Host
+    integers only (no sync)."""
     if max_query_len != 1:
         return 1
     programs = max(num_seqs * num_kv_heads, 1)
@@ -314,7 +318,8 @@ def choose_num_splits(
     if programs >= target:
         return 1
     splits = min(_MAX_SEGMENTS, triton.cdiv(target, programs))
-    splits = min(splits, max(1, max_seq_len // (tile * _SPLIT_TILE_MIN)))
+    if max_seq_len is not None:
+        splits = min(splits, max(1, max_seq_len // (tile * _SPLIT_TILE_MIN)))
     return max(1, triton.next_power_of_2(splits) if splits > 1 else 1)
 
 
@@ -370,10 +375,10 @@ def span_attention_paged(
     block_m = max(block_m, triton.next_power_of_2(group), 16)
     block_q = block_m // group
     if tile_size is None:
-        tile_size = 32 if decode else 32
+        tile_size = TILE_SIZE
     if num_splits is None:
         num_splits = choose_num_splits(
-            num_seqs, num_kv_heads, max_query_len, max_seq_len, tile_size, query.device
+            num_seqs, num_kv_heads, max_query_len, max_seq_len, query.device, tile_size
         )
     is_split = num_splits > 1
     num_q_blocks = num_tokens // block_q + num_seqs  # upper bound, no sync
