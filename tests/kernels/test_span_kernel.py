@@ -110,8 +110,6 @@ def test_cut_spans_differ_from_dense(device):
     case = make_case([300], [1], num_heads=2, num_kv_heads=1, head_size=HEAD,
                      rules=[(8, 0.0)], sink_tokens=2, device=device)
     out = run_kernel(case).cpu().float()
-    import dataclasses
-
     wide = dataclasses.replace(case.spans, alpha=case.spans.alpha + 1000)
     case.spans = wide
     assert (out - reference(case)).abs().max() > 1e-2
