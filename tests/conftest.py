@@ -26,6 +26,15 @@ def smollm2_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_dir(smollm2_dir) -> Path:
-    from moa_vllm.models import build_tiny_llama
+    from moa_vllm.models import build_tiny_model
 
-    return build_tiny_llama(MODELS / "tiny", smollm2_dir)
+    return build_tiny_model(MODELS / "tiny", smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_of(smollm2_dir):
+    """Tiny random models of the other families (``models.TINY_FAMILIES``), built
+    on first use."""
+    from moa_vllm.models import build_tiny_model
+
+    return lambda family: build_tiny_model(MODELS / f"tiny-{family}", smollm2_dir, family)

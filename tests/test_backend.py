@@ -114,15 +114,42 @@ def engine_and_oracle_logprobs(plan, output, model):
     )
 
 
-def test_logits_match_oracle_in_mixed_chunked_batch(engine_vs_oracle, tiny_dir):
-    plan, outputs = engine_vs_oracle
-    model = load_oracle_model(tiny_dir)
+def assert_engine_matches_oracle(plan, outputs, model_dir) -> None:
+    model = load_oracle_model(model_dir)
     for output in outputs:
         engine, oracle, dense = engine_and_oracle_logprobs(plan, output, model)
         assert torch.allclose(engine, oracle, atol=2e-3, rtol=0), (
-            f"prompt of {len(output.prompt_token_ids)} tokens: max diff "
-            f"{(engine - oracle).abs().max():.2e}"
+            f"{plan.model.architecture}, prompt of {len(output.prompt_token_ids)} tokens: "
+            f"max diff {(engine - oracle).abs().max():.2e}"
         )
         if len(output.prompt_token_ids) > 100:
             # the spans really cut: dense attention gives other logits
             assert (dense - oracle).abs().max() > 0.05
+
+
+def test_logits_match_oracle_in_mixed_chunked_batch(engine_vs_oracle, tiny_dir):
+    plan, outputs = engine_vs_oracle
+    assert_engine_matches_oracle(plan, outputs, tiny_dir)
+
+
+# -- the other model families: same attention contract, other projections -----------
+
+
+@pytest.fixture(scope="module", params=["qwen2", "qwen3", "mistral"])
+def family_vs_oracle(request, tiny_model_of, tmp_path_factory):
+    """Qwen2 (q/k/v bias), Qwen3 (q/k RMS norm), Mistral: spans that cut, chunked
+    prefill, prompt-elastic (the mode plan search ships)."""
+    model_dir = tiny_model_of(request.param)
+    plan = heterogeneous_plan(model_dir, "prompt", seed=4)
+    llm = start_llm(model_dir, plan, tmp_path_factory.mktemp("plans"),
+                    max_num_batched_tokens=64)
+    outputs = greedy(llm, mixed_prompts(model_dir)[1:3], max_tokens=4, logprobs=0,
+                     prompt_logprobs=0)
+    stop_llm(llm)
+    return model_dir, plan, outputs
+
+
+def test_other_families_match_oracle(family_vs_oracle):
+    model_dir, plan, outputs = family_vs_oracle
+    assert plan.model.architecture != "LlamaForCausalLM"
+    assert_engine_matches_oracle(plan, outputs, model_dir)

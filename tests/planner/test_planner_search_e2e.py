@@ -10,16 +10,32 @@ from moa_vllm.plan import load_plan
 from moa_vllm.span_classes import allocated_density, average_density
 
 
-def test_plan_search_end_to_end(tiny_dir, tmp_path):
-    from moa_testing import start_llm, stop_llm
-
-    out = tmp_path / "tiny-moa.json"
-    args = build_parser().parse_args([
-        "plan", "search", "--model", str(tiny_dir), "--density", "0.5",
+def search_args(model_dir, tmp_path):
+    return build_parser().parse_args([
+        "plan", "search", "--model", str(model_dir), "--density", "0.5",
         "--lengths", "256,512", "--validate-length", "768", "--samples", "2,1",
         "--validate-samples", "1", "--answer-tokens", "16", "--threads", "2",
-        "--work-dir", str(tmp_path / "work"), "--no-progress", "--out", str(out),
+        "--work-dir", str(tmp_path / "work"), "--no-progress",
+        "--out", str(tmp_path / "tiny-moa.json"),
     ])
+
+
+def generate_with(model_dir, plan, tmp_path) -> int:
+    from vllm import SamplingParams
+
+    from moa_testing import start_llm, stop_llm
+
+    llm = start_llm(model_dir, plan, tmp_path)
+    try:
+        res = llm.generate(["The quick brown fox " * 40], SamplingParams(max_tokens=4, temperature=0))
+        return len(res[0].outputs[0].token_ids)
+    finally:
+        stop_llm(llm)
+
+
+def test_plan_search_end_to_end(tiny_dir, tmp_path):
+    out = tmp_path / "tiny-moa.json"
+    args = search_args(tiny_dir, tmp_path)
     t0 = time.perf_counter()
     args.func(args)
     assert time.perf_counter() - t0 < 60
@@ -42,11 +58,15 @@ def test_plan_search_end_to_end(tiny_dir, tmp_path):
     assert again.rules == plan.rules
     assert "profile_256" not in again.provenance.details["stage_seconds"]
 
-    llm = start_llm(tiny_dir, plan, tmp_path)
-    try:
-        from vllm import SamplingParams
+    assert generate_with(tiny_dir, plan, tmp_path) == 4
 
-        res = llm.generate(["The quick brown fox " * 40], SamplingParams(max_tokens=4, temperature=0))
-        assert len(res[0].outputs[0].token_ids) == 4
-    finally:
-        stop_llm(llm)
+
+def test_plan_search_on_qwen3(tiny_model_of, tmp_path):
+    """Profiling sees attention after Qwen3's q/k norms (the attention interface)."""
+    model_dir = tiny_model_of("qwen3")
+    args = search_args(model_dir, tmp_path)
+    args.func(args)
+    plan = load_plan(tmp_path / "tiny-moa.json")
+    assert plan.model.architecture == "Qwen3ForCausalLM"
+    assert plan.provenance.details["validation"]["chosen_loss"] is not None
+    assert generate_with(model_dir, plan, tmp_path) == 4
