@@ -63,7 +63,7 @@ def moa_requested(vllm_config: VllmConfig) -> bool:
 def _configure_engine(vllm_config: VllmConfig) -> None:
     """Resolve the plan once, in the process that parses the arguments."""
     from moa_vllm.metrics import ensure_stats_dir
-    from moa_vllm.plan import fingerprint_from_hf_config
+    from moa_vllm.plan import PlanError, fingerprint_from_hf_config
     from moa_vllm.plan_discovery import resolve_plan
 
     model_config = vllm_config.model_config
@@ -72,6 +72,10 @@ def _configure_engine(vllm_config: VllmConfig) -> None:
     extra = vllm_config.additional_config
     if isinstance(extra, dict) and CONFIG_KEY in extra:
         return  # already configured (the config is re-validated on copies)
+    if problems := _unsupported(vllm_config):
+        raise PlanError(
+            f"{model_config.model}: MoA attention does not support {'; '.join(problems)}"
+        )
     fingerprint = fingerprint_from_hf_config(model_config.hf_config)
     resolved = resolve_plan(model_config.model, fingerprint)
     plan = resolved.plan
@@ -101,6 +105,24 @@ def _configure_engine(vllm_config: VllmConfig) -> None:
             "how": resolved.how,
         },
     }
+
+
+def _unsupported(vllm_config: VllmConfig) -> list[str]:
+    """What the model or the options ask of attention that MoA does not do, found
+    before any engine process starts (the impl checks each layer again)."""
+    model_config = vllm_config.model_config
+    text_config = model_config.hf_text_config
+    problems = []
+    if (window := model_config.get_sliding_window()) is not None:
+        problems.append(f"the model's own sliding window ({window} tokens; "
+                        "--disable-sliding-window serves it with full attention, "
+                        "capped at that length)")
+    if getattr(text_config, "attn_logit_softcapping", None):
+        problems.append("logits soft-capping")
+    if vllm_config.cache_config.cache_dtype != "auto":
+        problems.append(f"kv_cache_dtype={vllm_config.cache_config.cache_dtype} "
+                        "(MoA keeps the KV cache in the model's dtype)")
+    return problems
 
 
 def active_plan_entry(vllm_config: VllmConfig | None = None) -> dict:
