@@ -151,3 +151,13 @@ def test_decode_replays_the_launch_of_a_capture(device, elastic):
     splits = choose_num_splits(3, 2, 1, None, torch.device(device))
     assert splits > 1
     assert_matches(dataclasses.replace(case, max_seq_len=1), num_splits=splits)
+
+
+@pytest.mark.parametrize("head_size", [80, 128, 256])
+def test_head_sizes(device, head_size):
+    # padded to a power of two inside the kernel (80 -> 128); 128 is Llama-3's
+    case = make_case([140, 60], [1, 17], num_heads=4, num_kv_heads=2, head_size=head_size,
+                     rules=[(16, 0.25), (6, 0.0)], sink_tokens=3, transposed=True,
+                     device=device, seed=head_size)
+    assert_matches(case)
+    assert_matches(case, num_splits=2)
