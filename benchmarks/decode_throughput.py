@@ -36,11 +36,11 @@ def run_backend(model: str, plan: str | None, length: int, requests: int, out_to
                    max_model_len=length + out_tokens + 16, max_num_seqs=max_num_seqs,
                    kv_cache_memory_bytes=kv_bytes, max_num_batched_tokens=2048)
     if plan:
-        os.environ["MOA_PLAN"] = str(Path(plan).resolve())
-        llm = LLM(attention_backend="moa", block_size=16, **options)
+        llm = LLM(attention_backend="moa", block_size=16,
+                  additional_config={"moa": {"plan": str(Path(plan).resolve())}}, **options)
     else:
         llm = LLM(block_size=32 if not _has_cuda() else 16, **options)  # CPU: multiple of 32
-    from moa_vllm.vllm_surface import llm_scheduler, shutdown_llm
+    from moa_vllm.engine.vllm_surface import llm_scheduler, shutdown_llm
 
     engine = llm.llm_engine
     sched = llm_scheduler(llm)

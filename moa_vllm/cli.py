@@ -9,25 +9,13 @@ from pathlib import Path
 
 from moa_vllm.models import TINY_FAMILIES
 from moa_vllm.plan import PlanError, fingerprint_from_hf_config, load_plan, uniform_plan
+from moa_vllm.plan_report import DEFAULT_BLOCK_SIZE
 
 
 def _model_fingerprint(model_dir: str):
     from transformers import AutoConfig
 
     return fingerprint_from_hf_config(AutoConfig.from_pretrained(model_dir))
-
-
-def _density_report(plan, lengths: list[int], block_size: int) -> list[dict]:
-    from moa_vllm.span_classes import allocated_density, average_density
-
-    return [
-        {
-            "length": n,
-            "average_density": round(average_density(plan, n), 4),
-            "allocated_density": round(allocated_density(plan, n, block_size), 4),
-        }
-        for n in lengths
-    ]
 
 
 def cmd_plan_uniform(args) -> None:
@@ -47,6 +35,7 @@ def cmd_plan_uniform(args) -> None:
 
 
 def cmd_plan_show(args) -> None:
+    from moa_vllm.plan_report import density_table, rule_histogram
     from moa_vllm.span_classes import assign_span_classes
 
     plan = load_plan(args.plan)
@@ -59,8 +48,8 @@ def cmd_plan_show(args) -> None:
         "provenance": plan.provenance.model_dump(),
         "span_classes": [list(c.layers) for c in assign_span_classes(plan)],
         "block_size": args.block_size,
-        "densities": _density_report(plan, lengths, args.block_size),
-        "rule_histogram": _rule_histogram(plan),
+        "densities": [d.model_dump() for d in density_table(plan, lengths, args.block_size)],
+        "rule_histogram": rule_histogram(plan),
     }
     if args.png:
         from moa_vllm.planner.plots import plan_heatmap
@@ -69,14 +58,6 @@ def cmd_plan_show(args) -> None:
         plan_heatmap(plan, length, args.png)
         report["heatmap"] = {"png": args.png, "length": length}
     print(json.dumps(report, indent=1))
-
-
-def _rule_histogram(plan) -> list[dict]:
-    """How many KV heads use each ``(alpha, beta)`` rule, most used first."""
-    from collections import Counter
-
-    counts = Counter(tuple(rule) for row in plan.rules for rule in row)
-    return [{"alpha": a, "beta": b, "kv_heads": n} for (a, b), n in counts.most_common()]
 
 
 def cmd_model_smollm2(args) -> None:
@@ -92,19 +73,17 @@ def cmd_model_tiny(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from moa_vllm.evaluation import methods_from_args, run_eval
+    from moa_vllm.evaluation.runner import methods_from_args, run_eval
 
     methods = methods_from_args(args.model, args.plan, args.uniform, args.uniform_length,
                                 args.uniform_elastic)
-    report = run_eval(args.model, methods, args.tasks, args.lengths, args.depths,
-                      args.samples, args.fidelity_lengths, args.fidelity_samples,
-                      Path(args.out))
+    run_eval(args.model, methods, args.tasks, args.lengths, args.depths, args.samples,
+             args.fidelity_lengths, args.fidelity_samples, Path(args.out))
     print((Path(args.out) / "eval.md").read_text())
-    del report
 
 
 def cmd_serve(args) -> None:
-    from moa_vllm.serve import serve
+    from moa_vllm.serving.launcher import serve
 
     serve(args.model, args.plan, args.vllm_args, dry_run=args.dry_run)
 
@@ -132,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = plan.add_parser("show", help="densities and span classes of a plan")
     p.add_argument("plan")
     p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")])
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
     p.add_argument("--png", help="write a layer x KV head heatmap of the spans here")
     p.add_argument("--length", type=int, help="length of the heatmap (default: the longest of --lengths)")
     p.set_defaults(func=cmd_plan_show)

@@ -1,6 +1,6 @@
-"""`make demo`: serve SmolLM2 with MoA through vLLM's OpenAI server, ask one
-question over a long passage, print the answer and the KV blocks MoA returned
-to vLLM's pool, then stop the server."""
+"""`make demo`: serve SmolLM2 with MoA through `moa-vllm serve` (vLLM's OpenAI
+server), ask one question over a long passage, print the answer and the KV blocks
+MoA returned to vLLM's pool (read from the server's ``/metrics``), then stop it."""
 
 from __future__ import annotations
 
@@ -15,21 +15,24 @@ import time
 import urllib.request
 from pathlib import Path
 
+from moa_vllm.plan_discovery import packaged_plans_dir
+
 PASSAGE = (
     "The lighthouse keeper wrote in his log every evening. He noted the wind, "
     "the ships that passed, and the colour of the sea. "
 )
 FACT = "The keeper's cat was called Biscuit, and she slept on the logbook."
 QUESTION = "What was the keeper's cat called?"
+DEMO_PLAN = "smollm2-135m-uniform-0.5.json"
+BLOCK_SIZE = 16
 
 
-def server_command(model: str, port: int) -> list[str]:
+def server_command(model: str, plan: str, port: int) -> list[str]:
     return [
-        sys.executable, "-P", "-m", "vllm.entrypoints.openai.api_server",
-        "--model", model, "--served-model-name", "smollm2",
-        "--attention-backend", "moa", "--port", str(port),
+        sys.executable, "-P", "-m", "moa_vllm.cli", "serve", model, "--plan", plan,
+        "--served-model-name", "smollm2", "--port", str(port),
         "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096",
-        "--block-size", "16", "--max-num-seqs", "4",
+        "--block-size", str(BLOCK_SIZE), "--max-num-seqs", "4",
         "--kv-cache-memory-bytes", str(1 << 30),
     ]
 
@@ -59,30 +62,28 @@ def wait_healthy(base: str, server: subprocess.Popen, log: Path, limit: float = 
     raise SystemExit("the server did not become healthy in time")
 
 
-def kv_savings(log_text: str) -> tuple[int, int]:
-    """(blocks returned early, blocks allocated) summed over span classes."""
-    early = total = 0
-    for m in re.finditer(r"MoA KV: request \S+ span class \d+: (\d+) of (\d+) blocks", log_text):
-        early += int(m.group(1))
-        total += int(m.group(2))
-    return early, total
+def blocks_freed(metrics_text: str) -> dict[str, float]:
+    """``moa_kv_blocks_freed`` per span class, from Prometheus' text format."""
+    pattern = r'^moa_kv_blocks_freed(?:_total)?\{span_class="(\d+)"\} (\S+)$'
+    return {m.group(1): float(m.group(2))
+            for m in re.finditer(pattern, metrics_text, flags=re.MULTILINE)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--plan", default=str(Path(__file__).resolve().parent.parent
-                                              / "plans" / "smollm2-135m-uniform-0.5.json"))
+    parser.add_argument("--plan", default=str(packaged_plans_dir() / DEMO_PLAN))
     parser.add_argument("--port", type=int, default=8011)
     args = parser.parse_args(argv)
 
-    env = {**os.environ, "MOA_PLAN": args.plan, "MOA_KV_LOG": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     base = f"http://127.0.0.1:{args.port}"
     log = Path(tempfile.mkdtemp(prefix="moa-demo-")) / "server.log"
-    print(f"starting vLLM's OpenAI server with --attention-backend moa, plan {args.plan}")
+    print(f"starting moa-vllm serve (vLLM's OpenAI server, --attention-backend moa), "
+          f"plan {args.plan}")
     print(f"(server log: {log})", end="", flush=True)
     with open(log, "w") as sink:
-        server = subprocess.Popen(server_command(args.model, args.port), env=env,
+        server = subprocess.Popen(server_command(args.model, args.plan, args.port), env=env,
                                   stdout=sink, stderr=subprocess.STDOUT)
     try:
         wait_healthy(base, server, log)
@@ -96,13 +97,17 @@ def main(argv: list[str] | None = None) -> int:
         usage = reply["usage"]
         print(f"Q ({usage['prompt_tokens']} prompt tokens): {QUESTION}")
         print(f"A: {reply['choices'][0]['message']['content'].strip()}")
-        time.sleep(1)  # the engine logs the finished request's blocks
-        early, total = kv_savings(log.read_text())
-        if total:
+        time.sleep(1)  # the engine flushes its counters when a request finishes
+        freed = blocks_freed(http(f"{base}/metrics"))
+        if freed:
+            tokens = usage["prompt_tokens"] + usage["completion_tokens"]
+            dense = len(freed) * -(-tokens // BLOCK_SIZE)  # blocks dense attention holds
+            early = int(sum(freed.values()))
             print(f"KV blocks returned to vLLM's pool before the request finished: "
-                  f"{early} of {total} ({100 * early / total:.0f}%)")
+                  f"{early} of {dense} ({100 * early / dense:.0f}%, "
+                  f"{len(freed)} span classes, from /metrics)")
         else:
-            print("no MoA KV log lines found (is the plugin installed?)")
+            print("no MoA figures on /metrics (is the plugin installed?)")
     finally:
         server.terminate()
         server.wait(timeout=60)

@@ -1,37 +1,15 @@
 """Torch reference of MoA attention over vLLM's paged KV cache.
 
 Dense, fp32, and deliberately simple: every kernel and the engine backend are
-tested against it. The KV cache is vLLM's logical
-``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` view (K in the first
-half of the last dimension, V in the second).
+tested against it (the cache layout: ``paged_kv``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from moa_vllm.span_mask import LayerSpans
-
-
-def gather_kv(
-    kv_cache: torch.Tensor, block_row: torch.Tensor, positions: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V ``[len(positions), Hkv, D]`` of one request's token positions."""
-    block_size = kv_cache.shape[2]
-    head_size = kv_cache.shape[3] // 2
-    blocks = block_row[positions // block_size].long()
-    kv = kv_cache[blocks, :, positions % block_size]
-    return kv[..., :head_size], kv[..., head_size:]
-
-
-def elastic_lengths(
-    spans: LayerSpans, q_pos: torch.Tensor, prompt_len: int | None
-) -> torch.Tensor:
-    """N for each query position of one request."""
-    if spans.elastic == "position":
-        return q_pos + 1
-    assert prompt_len is not None, "elastic='prompt' needs the prompt length"
-    return torch.full_like(q_pos, prompt_len)
+from moa_vllm.paged_kv import gather_kv
+from moa_vllm.span_mask import LayerSpans, elastic_lengths
 
 
 def span_attention(

@@ -1,13 +1,17 @@
-"""Which plan serves a model: env ``MOA_PLAN``, then ``moa_plan.json`` in the model
-directory, then a shipped plan in ``plans/`` whose fingerprint matches."""
+"""Which plan serves a model: the plan the engine was handed
+(``additional_config={"moa": {"plan": PATH}}``), then env ``MOA_PLAN``, then
+``moa_plan.json`` in the model directory, then a shipped plan whose fingerprint
+matches (``$MOA_PLANS_DIR``, then the plans packaged with moa-vllm)."""
 
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
+from moa_vllm import envs
 from moa_vllm.plan import (
     ModelFingerprint,
     Plan,
@@ -15,9 +19,10 @@ from moa_vllm.plan import (
     check_plan_fits,
     load_plan,
 )
+from moa_vllm.span_classes import average_density
 
-PLAN_ENV = "MOA_PLAN"
-PLANS_DIR_ENV = "MOA_PLANS_DIR"
+PLAN_ENV = envs.MOA_PLAN
+PLANS_DIR_ENV = envs.MOA_PLANS_DIR
 MODEL_DIR_PLAN = "moa_plan.json"
 
 
@@ -28,11 +33,20 @@ class ResolvedPlan:
     how: str  # which discovery rule found it
 
 
+def packaged_plans_dir() -> Path:
+    """The shipped plans: ``moa_vllm/plans`` in a wheel (mapped from the repo's
+    top-level ``plans/``), the repo's ``plans/`` in an editable install."""
+    packaged = Path(str(resources.files("moa_vllm"))) / "plans"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "plans"
+
+
 def shipped_plans_dirs() -> list[Path]:
     dirs = []
-    if env := os.environ.get(PLANS_DIR_ENV):
+    if env := envs.get(PLANS_DIR_ENV):
         dirs.append(Path(env))
-    dirs.append(Path(__file__).resolve().parent.parent / "plans")
+    dirs.append(packaged_plans_dir())
     return [d for d in dirs if d.is_dir()]
 
 
@@ -58,7 +72,6 @@ def _preference(candidate: tuple[Path, Plan]) -> tuple:
     """Of several matching shipped plans: searched before uniform, then the highest
     density budget (the safest for accuracy), then the lowest validation loss of
     the search, then the name."""
-    from moa_vllm.span_classes import average_density
 
     path, plan = candidate
     details = plan.provenance.details
@@ -68,9 +81,15 @@ def _preference(candidate: tuple[Path, Plan]) -> tuple:
             float("inf") if loss is None else float(loss), path.name)
 
 
-def resolve_plan(model_dir: str | os.PathLike | None, model: ModelFingerprint) -> ResolvedPlan:
-    """Find the plan for a model, or raise PlanError naming what was looked at."""
-    if env := os.environ.get(PLAN_ENV):
+def resolve_plan(model_dir: str | os.PathLike | None, model: ModelFingerprint,
+                 requested: str | os.PathLike | None = None) -> ResolvedPlan:
+    """Find the plan for a model, or raise PlanError naming what was looked at.
+    ``requested``: the plan the engine was handed in its ``additional_config``."""
+    if requested:
+        plan = load_plan(requested, model)
+        check_plan_fits(plan, model, str(requested))
+        return ResolvedPlan(plan, str(requested), "additional_config")
+    if env := envs.get(PLAN_ENV):
         plan = load_plan(env, model)
         check_plan_fits(plan, model, env)
         return ResolvedPlan(plan, env, f"${PLAN_ENV}")

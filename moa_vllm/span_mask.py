@@ -46,6 +46,16 @@ def elastic_length(position: int, prompt_len: int, elastic: ElasticMode) -> int:
     return position + 1 if elastic == "position" else prompt_len
 
 
+def elastic_lengths(
+    spans: "LayerSpans", q_pos: torch.Tensor, prompt_len: int | None
+) -> torch.Tensor:
+    """N for each query position of one request (the tensor form of ``elastic_length``)."""
+    if spans.elastic == "position":
+        return q_pos + 1
+    assert prompt_len is not None, "elastic='prompt' needs the prompt length"
+    return torch.full_like(q_pos, prompt_len)
+
+
 def first_needed_position(
     position: int, window: int, sink_tokens: int
 ) -> int:

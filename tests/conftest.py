@@ -38,3 +38,20 @@ def tiny_model_of(smollm2_dir):
     from moa_vllm.models import build_tiny_model
 
     return lambda family: build_tiny_model(MODELS / f"tiny-{family}", smollm2_dir, family)
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory) -> Path:
+    """moa-vllm's wheel, built the way users and the Docker image build it."""
+    from packaging_checks import build_wheel
+
+    return build_wheel(ROOT, tmp_path_factory.mktemp("wheel"))
+
+
+@pytest.fixture(scope="session")
+def wheel_venv(wheel, tmp_path_factory) -> Path:
+    """A fresh venv with only the wheel installed (``--no-deps``); the test venv's
+    site-packages provides the dependencies, not our editable install."""
+    from packaging_checks import install_in_fresh_venv
+
+    return install_in_fresh_venv(wheel, tmp_path_factory.mktemp("wheel-venv"))

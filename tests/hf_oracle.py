@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from moa_vllm.oracle import elastic_lengths, span_attention
+from moa_vllm.oracle import span_attention
+from moa_vllm.span_mask import elastic_lengths
 from moa_vllm.plan import Plan
 
 _STATE: dict = {}

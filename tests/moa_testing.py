@@ -36,15 +36,15 @@ def heterogeneous_plan(model_dir, elastic: str, seed: int = 0, sink_tokens: int 
 
 
 def start_llm(model_dir, plan=None, tmp_dir=None, backend: str | None = "moa", **kwargs):
-    """A vLLM engine on CPU; ``plan`` (a Plan) is handed over through MOA_PLAN."""
+    """A vLLM engine on CPU; ``plan`` (a Plan) is handed over in ``additional_config``
+    (without one, plan discovery chooses)."""
     from vllm import LLM
 
+    os.environ.pop("MOA_PLAN", None)
     if plan is not None:
         path = Path(tmp_dir) / f"plan-{id(plan)}.json"
         plan.save(path)
-        os.environ["MOA_PLAN"] = str(path)
-    else:
-        os.environ.pop("MOA_PLAN", None)
+        kwargs.setdefault("additional_config", {"moa": {"plan": str(path)}})
     options = dict(
         enforce_eager=True,
         max_num_seqs=4,
@@ -61,24 +61,25 @@ def start_llm(model_dir, plan=None, tmp_dir=None, backend: str | None = "moa", *
 
 
 def stop_llm(llm) -> None:
-    from moa_vllm.vllm_surface import shutdown_llm
+    from moa_vllm.engine.vllm_surface import shutdown_llm
 
     shutdown_llm(llm)
 
 
 def scheduler(llm):
-    from moa_vllm.vllm_surface import llm_scheduler
+    from moa_vllm.engine.vllm_surface import llm_scheduler
 
     return llm_scheduler(llm)
 
 
 def held_blocks(llm, request_id: str) -> dict[int, int]:
     """Blocks a request holds right now per span class (vLLM's own block lists)."""
+    from moa_vllm.engine.vllm_surface import is_null_block, request_blocks
+
     kvm = scheduler(llm).kv_cache_manager
-    null = kvm.block_pool.null_block
     return {
         m.kv_cache_spec.span_class: sum(
-            1 for b in m.req_to_blocks.get(request_id, []) if b is not null
+            1 for b in request_blocks(m, request_id) if not is_null_block(m, b)
         )
         for m in kvm.coordinator.single_type_managers
     }

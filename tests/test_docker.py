@@ -1,5 +1,7 @@
-"""No Docker engine runs here: lint the Dockerfile, and run what the image runs
-(its entrypoint and arguments, compose's command) outside Docker."""
+"""No Docker engine runs here: lint the Dockerfile, build the wheel from exactly
+what the image copies (the same command as the image), check its contents, and run
+what the image runs (its entrypoint and arguments, compose's command) from that
+wheel installed in a fresh venv, outside the repo."""
 
 from __future__ import annotations
 
@@ -14,7 +16,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
-MOA_VLLM = str(Path(sys.executable).parent / "moa-vllm")
 
 
 def instruction(name: str) -> list[str]:
@@ -36,8 +37,30 @@ def test_base_image_is_pinned():
     assert base.startswith("FROM vllm/vllm-openai:v") and ":latest" not in base
 
 
+def test_image_installs_the_wheel_of_what_it_copies(tmp_path):
+    from packaging_checks import build_wheel, missing_from_wheel
+
+    lines = DOCKERFILE.read_text().splitlines()
+    context = tmp_path / "context"  # the build context as the image sees it
+    for line in (ln for ln in lines if ln.startswith("COPY ")):
+        *sources, dest = line.split()[1:]
+        for name in sources:
+            target = context / dest / Path(name).name if dest.endswith("/") else context / dest
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if (ROOT / name).is_dir():
+                shutil.copytree(ROOT / name, target, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy(ROOT / name, target)
+    run = " ".join(lines[next(i for i, ln in enumerate(lines) if ln.startswith("RUN pip wheel")):])
+    assert "pip wheel --no-cache-dir --no-deps -w /tmp/wheels ." in run
+    assert "pip install --no-cache-dir --no-deps /tmp/wheels/moa_vllm-*.whl" in run
+    wheel = build_wheel(context, tmp_path / "wheel")
+    assert not missing_from_wheel(wheel)
+
+
 @pytest.mark.parametrize("source", ["dockerfile", "compose"])
-def test_image_command_resolves_the_plan_and_selects_moa(source, smollm2_dir, tmp_path):
+def test_image_command_resolves_the_plan_and_selects_moa(source, wheel_venv, smollm2_dir,
+                                                          tmp_path):
     if source == "dockerfile":
         argv = instruction("ENTRYPOINT") + instruction("CMD")
     else:
@@ -48,10 +71,10 @@ def test_image_command_resolves_the_plan_and_selects_moa(source, smollm2_dir, tm
         argv = instruction("ENTRYPOINT") + service["command"]
     assert argv[:2] == ["moa-vllm", "serve"]
     args = [str(smollm2_dir) if a == "/models/model" else a for a in argv[2:]]
-    env = {"PATH": str(Path(sys.executable).parent), "HF_HUB_OFFLINE": "1",
-           "MOA_PLANS_DIR": str(ROOT / "plans"), "HOME": str(tmp_path)}
-    result = subprocess.run([MOA_VLLM, "serve", *args, "--dry-run"], env=env,
-                            capture_output=True, text=True, timeout=120)
+    from packaging_checks import run_outside_repo
+
+    result = run_outside_repo(wheel_venv, ["moa-vllm", "serve", *args, "--dry-run"], tmp_path,
+                              HOME=str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "MoA plan:" in result.stdout and "shipped plans" in result.stdout
     command = result.stdout.strip().splitlines()[-1]

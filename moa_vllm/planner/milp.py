@@ -146,7 +146,6 @@ class LayerMILP:
         ub[ih : ih + nl * npc] = np.tile(dense, nl)
         self.integrality = integrality
         self.bounds = Bounds(np.zeros(n), ub)
-        self.num_rows = len(b.lb)
 
     def _matrix(self, extra: list[tuple[np.ndarray, float]]):
         b = self.builder
@@ -380,7 +379,6 @@ class ClassCapMILP(LayerMILP):
         self.builder = b
         self.integrality = np.ones(self.n)
         self.bounds = Bounds(np.zeros(self.n), np.ones(self.n))
-        self.num_rows = len(b.lb)
 
 
 def _common_rows(prob: Problem, ix: int) -> _Builder:

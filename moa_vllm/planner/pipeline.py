@@ -1,8 +1,9 @@
 """`moa-vllm plan search`: calibrate -> profile -> rule losses -> MILP sweep -> validate.
 
-Every stage caches its result under the work directory, keyed by a hash of what
-it depends on (model fingerprint and weights, data options, length, ...), so an
-interrupted run resumes where it stopped and a second density reuses the profile.
+Every stage caches its result in one ``StageCache`` under the work directory,
+keyed by a hash of what it depends on (model fingerprint and weights, data
+options, length, ...), so an interrupted run resumes where it stopped and a
+second density reuses the profile.
 """
 
 from __future__ import annotations
@@ -12,82 +13,98 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from moa_vllm import envs
 from moa_vllm.plan import (
     PLAN_VERSION,
+    ModelFingerprint,
     Plan,
     Provenance,
     fingerprint_from_hf_config,
     now_iso,
     uniform_plan,
 )
-from moa_vllm.span_classes import allocated_density, average_density, num_span_classes
+from moa_vllm.plan_report import density_table
+from moa_vllm.span_classes import num_span_classes
 
 log = logging.getLogger("moa_vllm.planner")
 
 
+def _opt(default, help: str, **cli):
+    """A ``SearchConfig`` field with its command-line help (``planner.cli`` reads it);
+    ``dataclasses.MISSING``: a required option."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **cli})
+    return field(default=default, metadata={"help": help, **cli})
+
+
 @dataclass
 class SearchConfig:
-    model: str
-    density: float
-    out: str
-    lengths: list[int] = field(default_factory=lambda: [2048, 4096, 8192])
-    validate_length: int | None = 12288
-    density_lengths: list[int] | None = None
-    allocated_density: float | None = None
-    elastic: str = "prompt"
-    max_span_classes: int = 4
-    block_size: int = 16
-    sink_tokens: int = 64
-    min_window: int = 64
-    profile_block: int = 64
-    samples: list[int] | None = None
-    validate_samples: int = 2
-    answer_tokens: int = 64
-    dataset: str | None = None
-    seed: int = 0
-    rules: str | None = None
-    max_rules_per_layer: int = 2
-    pareto_grid: int = 2
-    max_validate: int = 6
-    time_limit: float = 30.0
-    mip_rel_gap: float = 5e-3
-    threads: int | None = None
-    work_dir: str | None = None
-    progress: bool = True
+    """Every option of ``moa-vllm plan search`` (the command line is derived from it)."""
+
+    model: str = _opt(MISSING, "HF model directory")
+    density: float = _opt(MISSING, "KV density budget (average and allocated) at every "
+                          "length of interest")
+    out: str = _opt(MISSING, "where to write the plan")
+    lengths: list[int] = _opt([2048, 4096, 8192], "profiling lengths")
+    validate_length: int | None = _opt(12288, "unseen validation length (0: none)",
+                                       type=lambda s: int(s) or None)
+    density_lengths: list[int] | None = _opt(
+        None, "lengths the densities are constrained at (default: profiling lengths, "
+        "validation length and max_position_embeddings)")
+    allocated_density: float | None = _opt(
+        None, "budget of the runtime's allocated density, the KV blocks vLLM holds "
+        "(default: --density; 1.0 frees each KV head from its layer class: per-head plans "
+        "that keep retrieval heads wide)")
+    elastic: str = _opt("prompt", "prompt: N = prompt length, every prompt query keeps the "
+                        "whole span (better accuracy at equal density; prefix caching off); "
+                        "position: N = t + 1 (prefix caching stays on)",
+                        choices=["position", "prompt"])
+    max_span_classes: int = _opt(4, "span classes (KV-cache groups) at most")
+    block_size: int = _opt(16, "runtime KV block size")
+    sink_tokens: int = _opt(64, "sink tokens every head keeps")
+    min_window: int = _opt(64, "smallest window of any rule")
+    profile_block: int = _opt(64, "importance tile size")
+    samples: list[int] | None = _opt(None, "calibration samples per profiling length "
+                                     "(default: about 16k tokens per length)")
+    validate_samples: int = _opt(2, "validation samples")
+    answer_tokens: int = _opt(64, "dense answer tokens (targets)")
+    dataset: str | None = _opt(None, 'JSONL of {"prompt","answer"}, {"prompt"} or {"text"}')
+    seed: int = _opt(0, "calibration seed")
+    rules: str | None = _opt(None, 'rule grid "alpha:beta,..." (default: ~48 rules scaled '
+                             "to the context)")
+    max_rules_per_layer: int = _opt(2, "distinct rules per layer at most")
+    pareto_grid: int = _opt(2, "epsilon levels per secondary length")
+    max_validate: int = _opt(6, "Pareto plans scored at the validation length")
+    time_limit: float = _opt(30.0, "seconds per MILP solve")
+    mip_rel_gap: float = _opt(5e-3, "relative MIP gap", flag="--mip-gap")
+    threads: int | None = _opt(None, "torch threads")
+    work_dir: str | None = _opt(None, "stage cache (default: $MOA_PLAN_CACHE, else "
+                                "~/.cache/moa-vllm/plan-search)")
+    progress: bool = _opt(True, "progress bars", flag="--no-progress")
 
 
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _file_id(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, int(st.st_mtime)]
+
+
 def _model_id(model_dir: str) -> dict:
     d = Path(model_dir)
-    files = {}
-    for f in sorted(d.iterdir()):
-        if f.is_file() and f.suffix in (".json", ".safetensors", ".bin"):
-            st = f.stat()
-            files[f.name] = [st.st_size, int(st.st_mtime)]
+    files = {f.name: _file_id(f) for f in sorted(d.iterdir())
+             if f.is_file() and f.suffix in (".json", ".safetensors", ".bin")}
     return {"path": str(d.resolve()), "files": files}
-
-
-class Stage:
-    def __init__(self, times: dict, name: str):
-        self.times, self.name = times, name
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        dt = time.perf_counter() - self.t0
-        self.times[self.name] = round(self.times.get(self.name, 0.0) + dt, 2)
-        if exc[0] is None:
-            log.info("stage %s: %.1f s", self.name, dt)
 
 
 def default_samples(length: int) -> int:
@@ -95,182 +112,266 @@ def default_samples(length: int) -> int:
     return max(1, 16384 // length)
 
 
-def run_search(cfg: SearchConfig) -> Plan:
-    import torch
-    from transformers import AutoConfig
+def default_work_dir() -> Path:
+    xdg = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return Path(envs.get(envs.MOA_PLAN_CACHE) or xdg / "moa-vllm" / "plan-search")
 
-    from moa_vllm.planner import data as D
-    from moa_vllm.planner import profile as P
-    from moa_vllm.planner.milp import Assigner, Problem, cost_tables, pareto_sweep
-    from moa_vllm.planner.rules import Rule, default_rules, parse_rules, rule_losses
 
-    t_start = time.perf_counter()
-    times: dict[str, float] = {}
-    cached_times: dict[str, float] = {}  # stages reused from the cache: their original time
-    fp = fingerprint_from_hf_config(AutoConfig.from_pretrained(cfg.model))
-    lengths = sorted(cfg.lengths)
-    samples = cfg.samples or [default_samples(n) for n in lengths]
-    if len(samples) != len(lengths):
-        raise ValueError("--samples needs one count per profiling length")
-    work = Path(cfg.work_dir or os.environ.get("MOA_PLAN_CACHE") or
-                Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moa-vllm" / "plan-search")
-    work.mkdir(parents=True, exist_ok=True)
-    model_key = _model_id(cfg.model)
-    data_key = {
-        "dataset": None if cfg.dataset is None else _model_id_file(cfg.dataset),
-        "answer_tokens": cfg.answer_tokens, "seed": cfg.seed, "data_version": 2,
-    }
-    threads = cfg.threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
-    log.info("plan search: %s, density %s, lengths %s, work dir %s", fp.describe(),
-             cfg.density, lengths, work)
+class StageCache:
+    """The one cache of every stage: ``get(stage, key, compute)`` returns the stored
+    result for ``key`` or computes, times and stores it. A result is a JSON value
+    and a dict of arrays (one ``.npz`` file each)."""
 
-    model = tok = None
+    def __init__(self, work: Path) -> None:
+        work.mkdir(parents=True, exist_ok=True)
+        self.work = work
+        self.seconds: dict[str, float] = {}  # stages computed in this run
+        self.cached_seconds: dict[str, float] = {}  # stages reused: their original time
 
-    def get_model():
-        nonlocal model, tok
-        if model is None:
-            with Stage(times, "load_model"):
-                model, tok = P.load_model(cfg.model, threads)
-        return model, tok
+    @contextmanager
+    def timed(self, stage: str):
+        t0 = time.perf_counter()
+        yield
+        dt = time.perf_counter() - t0
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + dt, 2)
+        log.info("stage %s: %.1f s", stage, dt)
 
-    def samples_for(length: int, n: int, split: str) -> list[D.Sample]:
-        key = _hash({"model": model_key, "data": data_key, "length": length, "n": n, "split": split})
-        path = work / f"data-{split}-{length}-{key}.json"
-        stage = f"calibration_{split}_{length}"
+    def get(self, stage: str, key: dict,
+            compute: Callable[[], tuple[Any, dict[str, np.ndarray]]]
+            ) -> tuple[Any, dict[str, np.ndarray]]:
+        path = self.work / f"{stage}-{_hash(key)}.npz"
         if path.is_file():
-            meta = path.with_suffix(".seconds")
-            if meta.is_file():
-                cached_times[stage] = float(meta.read_text())
-            return [D.Sample.from_json(d) for d in json.loads(path.read_text())]
-        m, t = get_model()
-        seed = cfg.seed if split == "calib" else cfg.seed + 1000003
-        with Stage(times, stage):
-            out = D.build_samples(m, t, length, n, cfg.answer_tokens, seed, cfg.dataset, cfg.progress)
-        path.write_text(json.dumps([s.to_json() for s in out]))
-        path.with_suffix(".seconds").write_text(str(times[stage]))
-        return out
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["__meta__"]))
+                arrays = {k: z[k] for k in z.files if k != "__meta__"}
+            self.cached_seconds[stage] = round(
+                self.cached_seconds.get(stage, 0.0) + meta["seconds"], 2)
+            return meta["value"], arrays
+        t0 = time.perf_counter()
+        with self.timed(stage):
+            value, arrays = compute()
+        meta = {"value": value, "seconds": round(time.perf_counter() - t0, 2)}
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, __meta__=json.dumps(meta), **arrays)
+        os.replace(tmp, path)
+        return value, arrays
 
-    # 1-2. calibration data and profiles
-    profiles, profile_info = {}, {}
-    for length, n in zip(lengths, samples):
-        data = samples_for(length, n, "calib")
-        key = _hash({"model": model_key, "data": data_key, "length": length, "n": n,
-                     "block": cfg.profile_block, "profile_version": 1})
-        path = work / f"profile-{length}-{key}.npz"
-        if path.is_file():
-            z = np.load(path, allow_pickle=False)
-            profiles[length] = z["importance"]
-            profile_info[length] = json.loads(str(z["info"]))
-            if "seconds" in profile_info[length]:
-                cached_times[f"profile_{length}"] = profile_info[length]["seconds"]
-            log.info("profile %d: cached (%s)", length, path.name)
-            continue
-        m, _ = get_model()
-        with Stage(times, f"profile_{length}"):
-            imp, info = P.profile_length(m, data, length, cfg.profile_block, cfg.progress)
-        info["seconds"] = times[f"profile_{length}"]
-        np.savez(path, importance=imp, info=json.dumps(info))
-        profiles[length], profile_info[length] = imp, info
 
-    # 3. search space
-    with Stage(times, "rule_losses"):
-        rules = parse_rules(cfg.rules) if cfg.rules else default_rules(
-            fp.max_position_embeddings, cfg.min_window, cfg.sink_tokens, cfg.density)
-        losses = np.stack([
-            rule_losses(profiles[n], rules, n, cfg.profile_block, cfg.sink_tokens, cfg.min_window,
-                        cfg.elastic, int(round(profile_info[n]["mean_prompt_len"])))
-            for n in lengths
-        ])
-        dl = sorted(set(cfg.density_lengths or (lengths + [x for x in (cfg.validate_length, fp.max_position_embeddings) if x])))
-        dens, held, dense, keys = cost_tables(rules, dl, cfg.sink_tokens, cfg.min_window, cfg.elastic,
-                                              cfg.block_size, fp.max_position_embeddings)
-    alloc_budget = cfg.allocated_density if cfg.allocated_density is not None else cfg.density
-    prob = Problem(losses, dens, held, dense, keys, cfg.density, alloc_budget,
-                   cfg.max_rules_per_layer, cfg.max_span_classes)
+@dataclass
+class _Run:
+    """What every stage of one search reads."""
 
-    def make_plan(choice, details=None) -> Plan:
+    cfg: SearchConfig
+    fp: ModelFingerprint
+    cache: StageCache
+    model_key: dict
+    data_key: dict
+    threads: int
+    _model: Any = None
+
+    def model(self):
+        """The HF model and tokenizer, loaded on the first stage that needs them."""
+        if self._model is None:
+            from moa_vllm.planner import profile as P
+
+            with self.cache.timed("load_model"):
+                self._model = P.load_model(self.cfg.model, self.threads)
+        return self._model
+
+    def make_plan(self, rules, choice, details: dict | None = None) -> Plan:
+        cfg = self.cfg
         return Plan(
-            version=PLAN_VERSION, model=fp, sink_tokens=cfg.sink_tokens, elastic=cfg.elastic,
-            min_window=cfg.min_window, max_span_classes=cfg.max_span_classes,
+            version=PLAN_VERSION, model=self.fp, sink_tokens=cfg.sink_tokens,
+            elastic=cfg.elastic, min_window=cfg.min_window,
+            max_span_classes=cfg.max_span_classes,
             rules=[[rules[int(r)].as_tuple() for r in row] for row in choice],
             provenance=Provenance(method="moa-search", created=now_iso(), details=details or {}),
         )
 
-    def densities(plan: Plan) -> list[dict]:
-        return [{"length": n, "average": round(average_density(plan, n), 5),
-                 "allocated": round(allocated_density(plan, n, cfg.block_size), 5)} for n in dl]
+
+def _start(cfg: SearchConfig) -> _Run:
+    import torch
+    from transformers import AutoConfig
+
+    fp = fingerprint_from_hf_config(AutoConfig.from_pretrained(cfg.model))
+    threads = cfg.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    dataset = None if cfg.dataset is None else {"path": str(Path(cfg.dataset).resolve()),
+                                                "file": _file_id(Path(cfg.dataset))}
+    data_key = {"dataset": dataset, "answer_tokens": cfg.answer_tokens, "seed": cfg.seed,
+                "data_version": 2}
+    work = Path(cfg.work_dir) if cfg.work_dir else default_work_dir()
+    log.info("plan search: %s, density %s, lengths %s, work dir %s", fp.describe(),
+             cfg.density, sorted(cfg.lengths), work)
+    return _Run(cfg, fp, StageCache(work), _model_id(cfg.model), data_key, threads)
+
+
+def _calibration(run: _Run, length: int, n: int, split: str) -> list:
+    """Stage 1: prompts with the dense model's answers (``split``: calib or valid)."""
+    from moa_vllm.planner import data as D
+
+    def compute():
+        model, tok = run.model()
+        seed = run.cfg.seed if split == "calib" else run.cfg.seed + 1000003
+        out = D.build_samples(model, tok, length, n, run.cfg.answer_tokens, seed,
+                              run.cfg.dataset, run.cfg.progress)
+        return [s.to_json() for s in out], {}
+
+    key = {"model": run.model_key, "data": run.data_key, "length": length, "n": n,
+           "split": split}
+    value, _ = run.cache.get(f"calibration_{split}_{length}", key, compute)
+    return [D.Sample.from_json(d) for d in value]
+
+
+def _profile(run: _Run, length: int, n: int) -> tuple[np.ndarray, dict]:
+    """Stage 2: each head's mean influence on the answer loss, per key tile."""
+    from moa_vllm.planner import profile as P
+
+    data = _calibration(run, length, n, "calib")
+
+    def compute():
+        model, _ = run.model()
+        importance, info = P.profile_length(model, data, length, run.cfg.profile_block,
+                                            run.cfg.progress)
+        return info, {"importance": importance}
+
+    key = {"model": run.model_key, "data": run.data_key, "length": length, "n": n,
+           "block": run.cfg.profile_block, "profile_version": 1}
+    info, arrays = run.cache.get(f"profile_{length}", key, compute)
+    return arrays["importance"], info
+
+
+def _density_lengths(cfg: SearchConfig, fp: ModelFingerprint) -> list[int]:
+    extra = [x for x in (cfg.validate_length, fp.max_position_embeddings) if x]
+    return sorted(set(cfg.density_lengths or (sorted(cfg.lengths) + extra)))
+
+
+def _problem(run: _Run, profiles: dict, profile_info: dict):
+    """Stage 3: the rule grid, each rule's loss per head and length, and the cost
+    tables of the MILP."""
+    from moa_vllm.planner.milp import Problem, cost_tables
+    from moa_vllm.planner.rules import default_rules, parse_rules, rule_losses
+
+    cfg, fp = run.cfg, run.fp
+    with run.cache.timed("rule_losses"):
+        rules = parse_rules(cfg.rules) if cfg.rules else default_rules(
+            fp.max_position_embeddings, cfg.min_window, cfg.sink_tokens, cfg.density)
+        losses = np.stack([
+            rule_losses(profiles[n], rules, n, cfg.profile_block, cfg.sink_tokens,
+                        cfg.min_window, cfg.elastic,
+                        int(round(profile_info[n]["mean_prompt_len"])))
+            for n in sorted(profiles)
+        ])
+        dens, held, dense, keys = cost_tables(
+            rules, _density_lengths(cfg, fp), cfg.sink_tokens, cfg.min_window, cfg.elastic,
+            cfg.block_size, fp.max_position_embeddings)
+    prob = Problem(losses, dens, held, dense, keys, cfg.density, _alloc_budget(cfg),
+                   cfg.max_rules_per_layer, cfg.max_span_classes)
+    return rules, losses, prob
+
+
+def _alloc_budget(cfg: SearchConfig) -> float:
+    return cfg.allocated_density if cfg.allocated_density is not None else cfg.density
+
+
+def _pareto_front(run: _Run, rules, losses, prob) -> tuple[list, list]:
+    """Stage 4: the epsilon-constraint sweep; every solution is checked with the
+    runtime's own density functions."""
+    from moa_vllm.planner.milp import Assigner, pareto_sweep
+
+    cfg = run.cfg
+    lengths = _density_lengths(cfg, run.fp)
 
     def verify(choice) -> bool:
-        plan = make_plan(choice)
-        return all(d["average"] <= cfg.density + 1e-9 and d["allocated"] <= alloc_budget + 1e-9
-                   for d in _exact_densities(plan, dl, cfg.block_size))
+        table = density_table(run.make_plan(rules, choice), lengths, cfg.block_size)
+        return all(d.average_density <= cfg.density + 1e-9
+                   and d.allocated_density <= _alloc_budget(cfg) + 1e-9 for d in table)
 
-    # 4. optimisation
-    search_key = _hash({"losses": _hash(losses.round(12).tolist()), "dl": dl, "density": cfg.density,
-                        "alloc": alloc_budget, "R": cfg.max_rules_per_layer, "K": cfg.max_span_classes,
-                        "grid": cfg.pareto_grid, "tl": cfg.time_limit, "gap": cfg.mip_rel_gap,
-                        "rules": [r.as_tuple() for r in rules], "elastic": cfg.elastic,
-                        "sink": cfg.sink_tokens, "minw": cfg.min_window, "bs": cfg.block_size})
-    path = work / f"pareto-{search_key}.json"
-    if path.is_file():
-        cached = json.loads(path.read_text())
-        front = [(np.array(c["choice"]), np.array(c["objectives"])) for c in cached["front"]]
-        solve_log = cached["log"]
-        log.info("MILP sweep: cached (%s)", path.name)
-    else:
-        with Stage(times, "milp"):
-            assigner = Assigner(prob, verify, cfg.time_limit, cfg.mip_rel_gap)
-            sols, solve_log = pareto_sweep(assigner, cfg.pareto_grid, cfg.progress)
+    def compute():
+        assigner = Assigner(prob, verify, cfg.time_limit, cfg.mip_rel_gap)
+        sols, solve_log = pareto_sweep(assigner, cfg.pareto_grid, cfg.progress)
         if not sols:
-            raise RuntimeError("no feasible plan: relax --density, --max-span-classes or the rule grid")
-        front = [(s.choice, s.objectives) for s in sols]
-        path.write_text(json.dumps({"front": [{"choice": c.tolist(), "objectives": o.tolist()}
-                                              for c, o in front], "log": solve_log}))
-    log.info("MILP: %d solves, %.1f s solver time, %d Pareto plans",
-             len(solve_log), sum(e["seconds"] for e in solve_log), len(front))
+            raise RuntimeError("no feasible plan: relax --density, --max-span-classes or "
+                               "the rule grid")
+        return {"objectives": [s.objectives.tolist() for s in sols], "log": solve_log}, \
+            {"choices": np.stack([s.choice for s in sols])}
 
-    # 5. validation
+    key = {"losses": _hash(losses.round(12).tolist()), "dl": lengths, "density": cfg.density,
+           "alloc": _alloc_budget(cfg), "R": cfg.max_rules_per_layer,
+           "K": cfg.max_span_classes, "grid": cfg.pareto_grid, "tl": cfg.time_limit,
+           "gap": cfg.mip_rel_gap, "rules": [r.as_tuple() for r in rules],
+           "elastic": cfg.elastic, "sink": cfg.sink_tokens, "minw": cfg.min_window,
+           "bs": cfg.block_size}
+    value, arrays = run.cache.get("milp", key, compute)
+    front = list(zip(arrays["choices"], map(np.array, value["objectives"])))
+    solve_log = value["log"]
+    log.info("MILP: %d solves, %.1f s solver time, %d Pareto plans", len(solve_log),
+             sum(e["seconds"] for e in solve_log), len(front))
     if len(front) > cfg.max_validate:
         # keep an even spread over the front (sorted by the longest length's loss)
         idx = np.unique(np.linspace(0, len(front) - 1, cfg.max_validate).round().astype(int))
         front = [front[i] for i in idx]
-    scores = []
-    if cfg.validate_length and cfg.validate_samples:
-        vdata = samples_for(cfg.validate_length, cfg.validate_samples, "valid")
-        vkey = _hash({"model": model_key, "data": data_key, "length": cfg.validate_length,
-                      "n": cfg.validate_samples})
-        vpath = work / f"validate-{vkey}.json"
-        vcache = json.loads(vpath.read_text()) if vpath.is_file() else {}
-        from tqdm import tqdm
+    return front, solve_log
 
+
+def _validate(run: _Run, plans: list[Plan | None]) -> list[float]:
+    """Stage 5: the answer loss of each plan (None: dense) at the unseen length."""
+    from tqdm import tqdm
+
+    from moa_vllm.planner import profile as P
+
+    cfg = run.cfg
+    vdata = _calibration(run, cfg.validate_length, cfg.validate_samples, "valid")
+    data_key = {"model": run.model_key, "data": run.data_key, "length": cfg.validate_length,
+                "n": cfg.validate_samples}
+    scores = []
+    for plan in tqdm(plans, desc=f"validate {cfg.validate_length}",
+                     disable=not cfg.progress, leave=False):
+        spans = None if plan is None else [plan.rules, plan.sink_tokens, plan.elastic,
+                                           plan.min_window]
+
+        def compute(plan=plan):
+            model, _ = run.model()
+            return float(np.mean([P.masked_answer_loss(model, plan, s.ids, len(s.prompt))
+                                  for s in vdata])), {}
+
+        loss, _ = run.cache.get("validation", {"data": data_key, "plan": spans}, compute)
+        scores.append(loss)
+    return scores
+
+
+def run_search(cfg: SearchConfig) -> Plan:
+    t_start = time.perf_counter()
+    run = _start(cfg)
+    lengths = sorted(cfg.lengths)
+    samples = cfg.samples or [default_samples(n) for n in lengths]
+    if len(samples) != len(lengths):
+        raise ValueError("--samples needs one count per profiling length")
+    profiled = {n: _profile(run, n, k) for n, k in zip(lengths, samples)}
+    profiles = {n: imp for n, (imp, _) in profiled.items()}
+    profile_info = {n: info for n, (_, info) in profiled.items()}
+    rules, losses, prob = _problem(run, profiles, profile_info)
+    front, solve_log = _pareto_front(run, rules, losses, prob)
+
+    scores, dense_loss, uniform_loss, best = [], None, None, 0
+    if cfg.validate_length and cfg.validate_samples:
         # dense and the equal-density uniform window are scored beside the front
-        uniform = uniform_plan(fp, cfg.density, sink_tokens=cfg.sink_tokens, elastic=cfg.elastic,
-                               min_window=cfg.min_window, grow=True)
-        with Stage(times, "validation"):
-            todo = [None, uniform] + [make_plan(c) for c, _ in front]
-            for plan in tqdm(todo, desc=f"validate {cfg.validate_length}", disable=not cfg.progress, leave=False):
-                k = "dense" if plan is None else _hash([plan.rules, plan.sink_tokens, plan.elastic, plan.min_window])
-                if k not in vcache:
-                    m, _ = get_model()
-                    vcache[k] = float(np.mean([P.masked_answer_loss(m, plan, s.ids, len(s.prompt)) for s in vdata]))
-                    vpath.write_text(json.dumps(vcache))
-                scores.append(vcache[k])
-        dense_loss, uniform_loss, scores = scores[0], scores[1], scores[2:]
+        uniform = uniform_plan(run.fp, cfg.density, sink_tokens=cfg.sink_tokens,
+                               elastic=cfg.elastic, min_window=cfg.min_window, grow=True)
+        dense_loss, uniform_loss, *scores = _validate(
+            run, [None, uniform] + [run.make_plan(rules, c) for c, _ in front])
         best = int(np.argmin(scores))
         if scores[best] >= uniform_loss:
             log.warning("no searched plan beats the uniform window at %d tokens (%.4f vs %.4f): "
                         "more calibration samples or profiling lengths may help",
                         cfg.validate_length, scores[best], uniform_loss)
-    else:
-        dense_loss = uniform_loss = None
-        best = 0
-    choice, objectives = front[best]
+    choice, _ = front[best]
 
     total = round(time.perf_counter() - t_start, 2)
+    dl = _density_lengths(cfg, run.fp)
     details = {
         "density": cfg.density,
-        "allocated_density_budget": alloc_budget,
+        "allocated_density_budget": _alloc_budget(cfg),
         "density_lengths": dl,
         "block_size": cfg.block_size,
         "profile_lengths": lengths,
@@ -278,11 +379,12 @@ def run_search(cfg: SearchConfig) -> Plan:
         "samples_per_length": dict(zip(map(str, lengths), samples)),
         "profiles": {str(n): profile_info[n] for n in lengths},
         "data": {"source": cfg.dataset or "synthetic (pydoc_data.topics): facts, passages, topics",
-                 "targets": "dense model greedy answers" if not cfg.dataset else "dataset answers or dense greedy",
+                 "targets": "dense model greedy answers" if not cfg.dataset
+                 else "dataset answers or dense greedy",
                  "answer_tokens": cfg.answer_tokens, "seed": cfg.seed},
         "rules_grid": [r.as_tuple() for r in rules],
         "max_rules_per_layer": cfg.max_rules_per_layer,
-        "span_classes": num_span_classes(fp.num_layers, cfg.max_span_classes),
+        "span_classes": num_span_classes(run.fp.num_layers, cfg.max_span_classes),
         "solver": {"name": "scipy.optimize.milp (HiGHS)", "time_limit_s": cfg.time_limit,
                    "mip_rel_gap": cfg.mip_rel_gap, "pareto_grid": cfg.pareto_grid,
                    "solves": solve_log,
@@ -293,30 +395,19 @@ def run_search(cfg: SearchConfig) -> Plan:
         "validation": {"length": cfg.validate_length, "samples": cfg.validate_samples,
                        "dense_loss": dense_loss, "uniform_loss": uniform_loss, "chosen": best,
                        "chosen_loss": scores[best] if scores else None},
-        "stage_seconds": times,
-        "cached_stage_seconds": cached_times,
+        "stage_seconds": run.cache.seconds,
+        "cached_stage_seconds": run.cache.cached_seconds,
         "total_seconds": total,
-        "threads": threads,
+        "threads": run.threads,
         "machine": f"{os.cpu_count()} CPUs",
     }
-    plan = make_plan(choice, details)
-    plan.provenance.details["densities"] = densities(plan)
+    plan = run.make_plan(rules, choice, details)
+    plan.provenance.details["densities"] = [
+        {"length": d.length, "average": round(d.average_density, 5),
+         "allocated": round(d.allocated_density, 5)}
+        for d in density_table(plan, dl, cfg.block_size)]
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     plan.save(cfg.out)
     log.info("wrote %s (validation loss %s, uniform window %s, dense %s) in %.1f s", cfg.out,
              scores[best] if scores else None, uniform_loss, dense_loss, total)
     return plan
-
-
-def _exact_densities(plan: Plan, lengths, block_size) -> list[dict]:
-    return [{"average": average_density(plan, n), "allocated": allocated_density(plan, n, block_size)}
-            for n in lengths]
-
-
-def _model_id_file(path: str) -> dict:
-    st = Path(path).stat()
-    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime": int(st.st_mtime)}
-
-
-def config_dict(cfg: SearchConfig) -> dict:
-    return asdict(cfg)

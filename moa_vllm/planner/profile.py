@@ -59,7 +59,7 @@ def _planner_attention(module, query, key, value, attention_mask, scaling=None, 
 def _masked_attention(module, query, key, value, scaling, chunk: int = 512):
     """The exact MoA mask of ``_STATE['plan']`` (fp32, query chunks, keys limited to
     the sinks and the layer's widest window)."""
-    from moa_vllm.oracle import elastic_lengths
+    from moa_vllm.span_mask import elastic_lengths
 
     plan = _STATE["plan"]
     spans = plan.layer_spans(module.layer_idx)

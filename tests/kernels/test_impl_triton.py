@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from moa_testing import heterogeneous_plan, start_llm, stop_llm
 
-from moa_vllm.impl import MoaAttentionImpl
+from moa_vllm.engine.impl import MoaAttentionImpl
 
 PROMPT_LENS = [20, 90, 170]
 
@@ -21,7 +21,7 @@ def generate(tiny_dir, plan, tmp, triton: bool) -> tuple[list, list[int]]:
     from vllm.inputs import TokensPrompt
 
     import moa_kernels
-    from moa_vllm import metadata
+    from moa_vllm.engine import metadata
 
     splits: list[int] = []
     kernel = moa_kernels.span_attention_paged

@@ -8,21 +8,21 @@ later query of any head of any layer in the class reads, keeping the sinks.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, fields
 from typing import Self
 
-from moa_vllm.metrics import ENGINE_STATS
-from moa_vllm.span_classes import SpanClass
-from moa_vllm.span_mask import ElasticMode
-from moa_vllm.vllm_surface import (
+from moa_vllm import envs
+from moa_vllm.engine.stats import ENGINE_STATS
+from moa_vllm.engine.vllm_surface import (
     FullAttentionManager,
     FullAttentionSpec,
-    KVCacheSpecRegistry,
+    free_block_range,
+    is_null_block,
     logger,
+    request_blocks,
 )
-
-KV_LOG_ENV = "MOA_KV_LOG"  # "1": log each finished request's blocks per class
+from moa_vllm.span_classes import SpanClass
+from moa_vllm.span_mask import ElasticMode
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,13 +99,13 @@ class MoaSpanManager(FullAttentionManager):
     ) -> None:
         if num_prompt_tokens is None and self.span.elastic == "prompt":
             return  # N unknown: keep everything rather than guess
-        blocks = self.req_to_blocks.get(request_id)
+        blocks = request_blocks(self, request_id)
         if not blocks:
             return
         t = processed_computed_tokens
         first, last = self.span.dead_blocks(t, num_prompt_tokens or 0, self.block_size)
         last = min(last, len(blocks))
-        self._remove_blocks_in_range(request_id, first, last)
+        free_block_range(self, request_id, first, last)
         before = self._freed_until.get(request_id, first)
         now = max(before, last)
         self._freed_until[request_id] = now
@@ -121,8 +121,8 @@ class MoaSpanManager(FullAttentionManager):
         blocks = super().pop_blocks_for_free(request_id)
         if self._freed_until.pop(request_id, None) is not None:
             ENGINE_STATS.record_finish(self.span.index, request_id)
-        if blocks and os.environ.get(KV_LOG_ENV) == "1":
-            early = sum(1 for b in blocks if b is self._null_block)
+        if blocks and envs.get(envs.MOA_KV_LOG) == "1":
+            early = sum(1 for b in blocks if is_null_block(self, b))
             logger.info(
                 "MoA KV: request %s span class %d: %d of %d blocks returned to "
                 "the pool before the request finished",
@@ -130,13 +130,3 @@ class MoaSpanManager(FullAttentionManager):
             )
         return blocks
 
-
-def register_spec() -> None:
-    """Idempotent. Built-in specs first: the registry skips them once non-empty."""
-    KVCacheSpecRegistry._ensure_registered()
-    KVCacheSpecRegistry.register(
-        MoaSpanSpec, MoaSpanManager, uniform_type_base_spec=FullAttentionSpec
-    )
-
-
-register_spec()

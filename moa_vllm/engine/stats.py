@@ -1,9 +1,9 @@
-"""MoA figures for vLLM's ``/metrics``.
+"""KV counters of the engine processes, for ``/metrics`` (``serving.metrics``).
 
 The KV managers run in the engine-core process, ``/metrics`` is served by the
 API server: the engine side writes its counters to a small JSON file per process
-(throttled, atomic rename) in ``$MOA_STATS_DIR``, and a Prometheus collector in
-the API server reads them at scrape time.
+(throttled, atomic rename) in ``$MOA_STATS_DIR``; the API server reads them at
+scrape time (``read_stats``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-STATS_DIR_ENV = "MOA_STATS_DIR"
+from moa_vllm import envs
+
+STATS_DIR_ENV = envs.MOA_STATS_DIR
 FLUSH_SECONDS = 0.5
 
 
@@ -100,32 +102,3 @@ def read_stats(directory: str | os.PathLike | None = None) -> dict[str, dict]:
             for key, value in figures.items():
                 total[span_class][key] += value
     return {c: dict(f) for c, f in total.items()}
-
-
-FAMILIES = (  # (snapshot key, Prometheus type, name, help)
-    ("blocks_freed", "counter", "moa_kv_blocks_freed",
-     "KV blocks returned to the pool before their request finished"),
-    ("blocks_held", "gauge", "moa_kv_blocks_held", "KV blocks held by running requests"),
-    ("requests_running", "gauge", "moa_requests_running", "running requests"),
-    ("tokens_kept", "counter", "moa_kv_tokens_kept",
-     "tokens whose KV blocks are kept for the next query of each request "
-     "(block granularity), summed over scheduling steps"),
-    ("tokens_dense", "counter", "moa_kv_tokens_dense",
-     "tokens dense attention would keep, summed over scheduling steps"),
-)
-
-
-class MoaCollector:
-    """Prometheus collector (API server process) over the engine stats files;
-    every family is labelled by span class."""
-
-    def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        kinds = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily}
-        stats = read_stats()
-        for key, kind, name, help_text in FAMILIES:
-            family = kinds[kind](name, help_text, labels=["span_class"])
-            for span_class, figures in sorted(stats.items()):
-                family.add_metric([span_class], figures.get(key, 0))
-            yield family

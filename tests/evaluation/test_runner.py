@@ -9,8 +9,8 @@ import pytest
 from moa_testing import model_fingerprint
 from transformers import AutoTokenizer
 
-from moa_vllm.eval_tasks import is_correct, make_samples
-from moa_vllm.evaluation import Method, effective_length, methods_from_args, run_eval
+from moa_vllm.evaluation.tasks import is_correct, make_samples
+from moa_vllm.evaluation.runner import Method, effective_length, methods_from_args, run_eval
 from moa_vllm.plan import uniform_plan
 
 

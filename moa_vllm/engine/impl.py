@@ -10,14 +10,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moa_vllm.metadata import MoaAttentionMetadata
-from moa_vllm.oracle import elastic_lengths, gather_kv
-from moa_vllm.vllm_surface import (
+from moa_vllm.engine.metadata import MoaAttentionMetadata
+from moa_vllm.engine.vllm_surface import (
     AttentionImpl,
     AttentionLayer,
     AttentionType,
     reshape_and_cache_cuda,
 )
+from moa_vllm.paged_kv import gather_kv
+from moa_vllm.span_mask import elastic_lengths
 
 
 TORCH_QUERY_TILE = 256  # long prefill chunks: each tile reads only its own window
@@ -102,10 +103,12 @@ class MoaAttentionImpl(AttentionImpl):
         from moa_kernels import span_attention_paged
 
         span_attention_paged(
-            query, kv_cache, md.block_table, md.query_start_loc, md.seq_lens,
-            spans.alpha, spans.beta_q, spans.sink_tokens, spans.min_window,
-            spans.elastic == "position", md.prompt_lens, self.scale,
-            output[: query.shape[0]], md.max_query_len, md.max_seq_len,
+            query=query, kv_cache=kv_cache, block_table=md.block_table,
+            query_start_loc=md.query_start_loc, seq_lens=md.seq_lens,
+            alpha=spans.alpha, beta_q=spans.beta_q, sink_tokens=spans.sink_tokens,
+            min_window=spans.min_window, elastic_position=spans.elastic == "position",
+            prompt_lens=md.prompt_lens, scale=self.scale, output=output[: query.shape[0]],
+            max_query_len=md.max_query_len, max_seq_len=md.max_seq_len,
             num_splits=md.num_splits,
         )
 

@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from moa_vllm.impl import MoaAttentionImpl
+from moa_vllm.engine.impl import MoaAttentionImpl
 from moa_vllm.oracle import paged_span_attention_reference
 from moa_vllm.plan import PLAN_VERSION, ModelFingerprint, Plan, Provenance
 from moa_vllm.span_mask import LayerSpans

@@ -7,8 +7,8 @@ import pytest
 import torch
 from moa_testing import heterogeneous_plan, start_llm, stop_llm
 
-from moa_vllm.metadata import MoaAttentionMetadataBuilder
-from moa_vllm.vllm_surface import layer_index
+from moa_vllm.engine.metadata import MoaAttentionMetadataBuilder
+from moa_vllm.engine.vllm_surface import layer_index
 
 PROMPT_LENS = [30, 75, 140]
 

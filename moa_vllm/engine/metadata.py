@@ -13,17 +13,18 @@ from typing import ClassVar
 
 import torch
 
-from moa_vllm.backend import runtime_plan
-from moa_vllm.span_mask import LayerSpans
-from moa_vllm.vllm_surface import (
+from moa_vllm.engine.engine_plan import EnginePlan
+from moa_vllm.engine.vllm_surface import (
     AttentionCGSupport,
     AttentionMetadataBuilder,
     CommonAttentionMetadata,
     full_decode_graphs,
     layer_index,
     max_num_seqs,
+    prompt_lengths,
     tp_kv_head_slice,
 )
+from moa_vllm.span_mask import LayerSpans
 
 
 @dataclass
@@ -61,11 +62,11 @@ class MoaAttentionMetadataBuilder(AttentionMetadataBuilder[MoaAttentionMetadata]
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        plan, _ = runtime_plan(vllm_config)
+        served = EnginePlan.from_config(vllm_config)
         self.num_kv_heads = kv_cache_spec.num_kv_heads  # this rank's
-        heads = tp_kv_head_slice(self.num_kv_heads, plan.model.num_kv_heads)
+        heads = tp_kv_head_slice(self.num_kv_heads, served.plan.model.num_kv_heads)
         self.layer_spans = {
-            name: plan.layer_spans(layer_index(name), heads).to(device) for name in layer_names
+            name: served.layer_spans(layer_index(name), heads).to(device) for name in layer_names
         }
         self.prompt_lens = torch.zeros(max_num_seqs(vllm_config), dtype=torch.int32,
                                        device=device)
@@ -79,9 +80,9 @@ class MoaAttentionMetadataBuilder(AttentionMetadataBuilder[MoaAttentionMetadata]
         cm = common_attn_metadata
         num_reqs = cm.num_reqs
         prompt_lens = None
-        if cm.rswa_prefix_lens is not None:  # a host tensor: stage it in our buffer
+        if (host_lens := prompt_lengths(cm)) is not None:  # stage them in our buffer
             prompt_lens = self.prompt_lens[:num_reqs]
-            prompt_lens.copy_(cm.rswa_prefix_lens[:num_reqs], non_blocking=True)
+            prompt_lens.copy_(host_lens[:num_reqs], non_blocking=True)
         return MoaAttentionMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             max_query_len=cm.max_query_len,

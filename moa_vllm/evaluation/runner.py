@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,11 +17,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from moa_vllm.eval_tasks import english_token_windows, is_correct, make_samples
+from moa_vllm import envs
+from moa_vllm.evaluation.tasks import english_token_windows, is_correct, make_samples
 from moa_vllm.plan import Plan, fingerprint_from_hf_config, load_plan, uniform_plan
-from moa_vllm.vllm_surface import shutdown_llm
+from moa_vllm.plan_report import density_table
 
 TOP_K = 20  # vLLM's logprobs cap: fidelity is measured on the dense top-20
+MOA_BLOCK_SIZE = 16  # the MoA engines' block size (dense uses vLLM's CPU default, 128)
 
 
 @dataclass
@@ -72,19 +73,19 @@ def methods_from_args(model_dir, plans: list[str], uniform: list[float],
 
 
 def start_engine(model_dir, method: Method, workdir: Path, max_model_len: int):
+    """One engine per method; a MoA plan is handed over in ``additional_config``."""
     from vllm import LLM
 
     options = dict(model=str(model_dir), dtype="float32", enforce_eager=True,
                    max_model_len=max_model_len, max_num_seqs=4, seed=0,
-                   kv_cache_memory_bytes=int(os.environ.get("MOA_EVAL_KV_BYTES", 2 << 30)),
+                   kv_cache_memory_bytes=int(envs.get(envs.MOA_EVAL_KV_BYTES)),
                    max_logprobs=TOP_K)
     if method.plan is None:
-        os.environ.pop("MOA_PLAN", None)
         return LLM(block_size=128, **options)
     path = workdir / f"plan-{method.name}.json"
     method.plan.save(path)
-    os.environ["MOA_PLAN"] = str(path)
-    return LLM(attention_backend="moa", block_size=16, **options)
+    return LLM(attention_backend="moa", block_size=MOA_BLOCK_SIZE,
+               additional_config={"moa": {"plan": str(path)}}, **options)
 
 
 def effective_length(acc_by_length: dict[int, float], threshold: float = 0.9) -> int:
@@ -119,6 +120,8 @@ def run_eval(model_dir, methods: list[Method], tasks, lengths, depths, samples: 
     from transformers import AutoTokenizer
     from vllm import SamplingParams
 
+    from moa_vllm.engine.vllm_surface import shutdown_llm
+
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(model_dir)
     prompts = make_samples(tok, tasks, lengths, depths, samples)
@@ -130,16 +133,15 @@ def run_eval(model_dir, methods: list[Method], tasks, lengths, depths, samples: 
     answer = SamplingParams(temperature=0, max_tokens=16)
     scoring = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=TOP_K)
     results, dense_logprobs = [], None
-    plans_dir = tempfile.TemporaryDirectory(prefix="moa-eval-")  # MOA_PLAN files
+    plans_dir = tempfile.TemporaryDirectory(prefix="moa-eval-")  # the methods' plan files
     for method in tqdm(methods, desc="methods", position=0):
         started = time.time()
         res = MethodResult(method.name)
         if method.plan is not None:
-            from moa_vllm.span_classes import allocated_density, average_density
-
-            res.densities = {n: {"average": average_density(method.plan, n),
-                                 "allocated": allocated_density(method.plan, n, 16)}
-                             for n in sorted({*lengths, *fidelity_lengths})}
+            res.densities = {
+                d.length: {"average": d.average_density, "allocated": d.allocated_density}
+                for d in density_table(method.plan, sorted({*lengths, *fidelity_lengths}),
+                                       MOA_BLOCK_SIZE)}
         llm = start_engine(model_dir, method, Path(plans_dir.name), max_len)
         outs = llm.generate([s.prompt for s in prompts], answer, use_tqdm=True)
         for task in tasks:

@@ -1,0 +1,47 @@
+"""Every ``MOA_*`` environment variable, in one table (vLLM's ``envs.py`` is the
+model): name, what it does, its default. Read them through ``get``; the README's
+"Environment variables" section lists the same table."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    name: str
+    default: str | None
+    doc: str
+
+
+VARIABLES: tuple[EnvVar, ...] = (
+    EnvVar("MOA_PLAN", None,
+           "plan file an engine serves (after additional_config's moa.plan, before the "
+           "model directory's moa_plan.json and the shipped plans)"),
+    EnvVar("MOA_PLANS_DIR", None,
+           "extra folder of plans searched by fingerprint before the packaged ones"),
+    EnvVar("MOA_STATS_DIR", None,
+           "folder where engine processes write their KV counters for /metrics "
+           "(set by the front end to a fresh temporary folder when unset)"),
+    EnvVar("MOA_KV_LOG", "0",
+           "1: log each finished request's early-freed blocks per span class"),
+    EnvVar("MOA_PLAN_CACHE", None,
+           "stage cache of `plan search` (default: ~/.cache/moa-vllm/plan-search)"),
+    EnvVar("MOA_EVAL_KV_BYTES", str(2 << 30), "KV-cache bytes of each `moa-vllm eval` engine"),
+)
+_BY_NAME = {v.name: v for v in VARIABLES}
+
+MOA_PLAN = "MOA_PLAN"
+MOA_PLANS_DIR = "MOA_PLANS_DIR"
+MOA_STATS_DIR = "MOA_STATS_DIR"
+MOA_KV_LOG = "MOA_KV_LOG"
+MOA_PLAN_CACHE = "MOA_PLAN_CACHE"
+MOA_EVAL_KV_BYTES = "MOA_EVAL_KV_BYTES"
+
+
+def get(name: str) -> str | None:
+    """The variable's value, or its default; unknown names are a bug."""
+    var = _BY_NAME[name]
+    value = os.environ.get(name)
+    return value if value else var.default

@@ -1,0 +1,67 @@
+"""MoA routes on vLLM's OpenAI server (``vllm.endpoint_plugins``: allow-list it with
+``VLLM_PLUGINS``; ``moa-vllm serve`` does): ``GET /v1/moa/plan``, and MoA figures
+on vLLM's ``/metrics``."""
+
+from __future__ import annotations
+
+import os
+
+from fastapi import APIRouter, FastAPI, HTTPException, Request
+
+from moa_vllm.plan import Plan, PlanError, load_plan
+from moa_vllm.plan_report import PlanReport, plan_report
+
+
+def source_status(source: str, loaded: Plan) -> str:
+    """Whether the plan file still holds the plan being served."""
+    def spans(plan: Plan) -> dict:
+        return plan.model_dump(exclude={"provenance"})
+
+    try:
+        current = load_plan(source, loaded.model)
+        return "unchanged" if spans(current) == spans(loaded) else "changed"
+    except PlanError:
+        return "missing" if not os.path.exists(source) else "changed"
+
+
+def report_plan(request: Request) -> Plan:
+    return request.app.state.moa_plan
+
+
+class MoaEndpointPlugin:
+    name = "moa-routes"
+    required_tasks = None
+
+    def attach_router(self, app: FastAPI) -> None:
+        from prometheus_client import REGISTRY
+
+        from moa_vllm.serving.metrics import MoaCollector
+
+        router = APIRouter()
+
+        @router.get("/v1/moa/plan", response_model=PlanReport)
+        async def get_plan(request: Request) -> PlanReport:
+            report = getattr(request.app.state, "moa_plan_report", None)
+            if report is None:
+                raise HTTPException(404, "this server does not serve a MoA plan")
+            return report.model_copy(
+                update={"source_status": source_status(report.source, report_plan(request))}
+            )
+
+        app.include_router(router)
+        if not getattr(REGISTRY, "_moa_registered", False):
+            REGISTRY.register(MoaCollector())
+            REGISTRY._moa_registered = True
+
+    async def init_state(self, engine_client, state, args) -> None:
+        from moa_vllm.engine.engine_plan import EnginePlan
+        from moa_vllm.engine.vllm_surface import moa_config_entry, served_vllm_config
+
+        state.moa_plan_report = state.moa_plan = None
+        config = served_vllm_config(engine_client)
+        if config is None or not (moa_config_entry(config) or {}).get("resolved"):
+            return
+        served = EnginePlan.from_config(config)
+        state.moa_plan = served.plan
+        state.moa_plan_report = plan_report(served.plan, served.source, served.how,
+                                            config.cache_config.block_size)

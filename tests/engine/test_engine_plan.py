@@ -1,0 +1,64 @@
+"""The plan an engine serves: resolved once while vLLM builds its config, carried
+in ``additional_config``; what MoA cannot serve is refused there, with one
+message, before any engine process starts."""
+
+from __future__ import annotations
+
+import pytest
+from moa_testing import heterogeneous_plan, start_llm, stop_llm
+
+from moa_vllm.plan import PlanError
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"kv_cache_dtype": "fp8"}, r"does not support kv_cache_dtype=fp8 \(MoA keeps"),
+    ({"hf_overrides": {"sliding_window": 64}},
+     r"does not support the model's own sliding window \(64 tokens; --disable-sliding-window"),
+    ({"hf_overrides": {"attn_logit_softcapping": 50.0}}, r"does not support logits soft-capping"),
+])
+def test_unsupported_options_fail_before_the_engine(tiny_dir, tmp_path, options, message):
+    with pytest.raises(PlanError, match=message) as err:
+        start_llm(tiny_dir, heterogeneous_plan(tiny_dir, "position"), tmp_path, **options)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_additional_config_entry_is_refused(tiny_dir):
+    with pytest.raises(PlanError, match=r'additional_config\["moa"\] takes \{"plan": PATH\}'):
+        start_llm(tiny_dir, additional_config={"moa": {"plans": "x.json"}})
+
+
+def test_two_engines_in_one_process_serve_their_own_plans(tiny_dir, tmp_path, monkeypatch):
+    """Each engine is handed its plan in ``additional_config`` (no ``MOA_PLAN``), and
+    its layers serve that plan's spans."""
+    from moa_vllm.engine.engine_plan import EnginePlan
+    from moa_vllm.engine.metadata import MoaAttentionMetadataBuilder
+    from moa_vllm.engine.vllm_surface import layer_index
+
+    monkeypatch.delenv("MOA_PLAN", raising=False)
+    built: list[MoaAttentionMetadataBuilder] = []
+    original = MoaAttentionMetadataBuilder.__init__
+
+    def recording_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        built.append(self)
+
+    monkeypatch.setattr(MoaAttentionMetadataBuilder, "__init__", recording_init)
+    for seed in (1, 2):
+        plan = heterogeneous_plan(tiny_dir, "position", seed=seed)
+        path = tmp_path / f"plan-{seed}.json"
+        plan.save(path)
+        built.clear()
+        llm = start_llm(tiny_dir, additional_config={"moa": {"plan": str(path)}})
+        try:
+            served = EnginePlan.from_config(llm.llm_engine.vllm_config)
+            assert (served.source, served.how) == (str(path), "additional_config")
+            assert served.plan.rules == plan.rules
+            assert built, "no MoA metadata builder was made"
+            for builder in built:
+                for name, spans in builder.layer_spans.items():
+                    expected = plan.layer_spans(layer_index(name))
+                    assert spans.alpha.tolist() == expected.alpha.tolist(), name
+                    assert spans.beta_q.tolist() == expected.beta_q.tolist(), name
+        finally:
+            stop_llm(llm)
+    assert heterogeneous_plan(tiny_dir, "position", seed=1).rules != plan.rules

@@ -1,0 +1,71 @@
+"""The architecture as imports: no import cycle among our modules, the vLLM surface
+at the bottom importing nothing of ours, and production code never importing the
+test oracle."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "moa_vllm"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path, top_level_only: bool) -> set[str]:
+    """Our modules ``path`` imports (at module level only, or anywhere)."""
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return {m for m in found if m.split(".")[0] in ("moa_vllm", "moa_kernels")}
+
+
+MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def graph(top_level_only: bool) -> dict[str, set[str]]:
+    return {m: {i for i in imports(p, top_level_only) if i in MODULES and i != m}
+            for m, p in MODULES.items()}
+
+
+def test_no_import_cycle():
+    edges = graph(top_level_only=True)
+    state: dict[str, str] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = "open"
+        for n in sorted(edges[m]):
+            assert state.get(n) != "open", "import cycle: " + " -> ".join(path + [m, n])
+            if n not in state:
+                visit(n, path + [m])
+        state[m] = "done"
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m, [])
+
+
+def test_vllm_surface_imports_nothing_of_ours():
+    assert imports(MODULES["moa_vllm.engine.vllm_surface"], top_level_only=False) == set()
+
+
+def test_production_code_does_not_import_the_oracle():
+    users = [m for m, deps in graph(top_level_only=False).items() if "moa_vllm.oracle" in deps]
+    assert users == []
+
+
+def test_the_graph_sees_real_imports():
+    """The checks above read real edges (a parser that saw none would pass them)."""
+    edges = graph(top_level_only=True)
+    assert "moa_vllm.engine.vllm_surface" in edges["moa_vllm.engine.kv_cache"]
+    assert "moa_vllm.plan" in edges["moa_vllm.plan_report"]
