@@ -6,12 +6,19 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 # The scheduler (and its block pool) in this process, so tests can read it.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+# Triton's interpreter where no CUDA device is there. It must be set before triton
+# is first imported, and the engine tests import vLLM (which imports triton) at
+# collection, before tests/kernels/ is collected.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = Path(os.environ.get("MOA_TEST_MODELS", ROOT / ".models"))

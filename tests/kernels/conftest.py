@@ -1,20 +1,14 @@
-"""Kernel tests: Triton's interpreter on CPU-only machines, GPU otherwise.
-
-TRITON_INTERPRET must be set before triton is first imported, so it happens here,
-at conftest import time, only when no CUDA device is there.
-"""
+"""Kernel tests: Triton's interpreter on CPU-only machines (set up by
+``tests/conftest.py``, before anything imports triton), GPU otherwise."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
 
 _ROOT = Path(__file__).resolve().parents[2]
 # The kernel package lives under the source root `triton_kernels/` (import name

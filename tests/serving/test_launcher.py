@@ -199,3 +199,33 @@ def test_launcher_refuses_a_bad_plan_with_one_line(tiny_dir, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"moa-vllm: {bad}: ")
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def dry_run(*argv: str) -> subprocess.CompletedProcess:
+    """``moa-vllm serve --dry-run`` in a process where fastapi cannot be imported:
+    the banner and the command need no server package."""
+    code = ("import sys; sys.modules['fastapi'] = None; from moa_vllm.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    return subprocess.run([sys.executable, "-P", "-c", code, "serve", *argv, "--dry-run"],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_launcher_hands_the_plan_over_in_additional_config(tiny_dir, plan, tmp_path):
+    import shlex
+
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    result = dry_run(str(tiny_dir), "--plan", str(path), "--block-size", "16",
+                     "--additional-config", '{"other": 1}')
+    assert result.returncode == 0, result.stderr
+    banner, command = result.stdout.strip().splitlines()[0], result.stdout.strip().splitlines()[-1]
+    assert banner.startswith(f"MoA plan: {path} (from additional_config; test-random")
+    argv = shlex.split(command)
+    assert argv.count("--additional-config") == 1
+    extra = json.loads(argv[argv.index("--additional-config") + 1])
+    assert extra == {"other": 1, "moa": {"plan": str(path)}}
+
+    both = dry_run(str(tiny_dir), "--plan", str(path),
+                   "--additional-config", json.dumps({"moa": {"plan": str(path)}}))
+    assert both.returncode == 2 and both.stderr.count("\n") == 1
+    assert "give one" in both.stderr
