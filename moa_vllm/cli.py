@@ -35,20 +35,23 @@ def cmd_plan_uniform(args) -> None:
 
 
 def cmd_plan_show(args) -> None:
-    from moa_vllm.plan_report import density_table, rule_histogram
-    from moa_vllm.span_classes import assign_span_classes
+    from moa_vllm.plan_report import class_reports, density_table, rule_histogram
+    from moa_vllm.span_classes import assign_head_classes
 
     plan = load_plan(args.plan)
     lengths = args.lengths or [1024, 2048, 4096, plan.model.max_position_embeddings]
+    classes = assign_head_classes(plan, max_classes=args.head_classes)
     report = {
         "plan": args.plan,
         "model": plan.model.model_dump(),
         "elastic": plan.elastic,
         "sink_tokens": plan.sink_tokens,
         "provenance": plan.provenance.model_dump(),
-        "span_classes": [list(c.layers) for c in assign_span_classes(plan)],
         "block_size": args.block_size,
-        "densities": [d.model_dump() for d in density_table(plan, lengths, args.block_size)],
+        "densities": [d.model_dump() for d in
+                      density_table(plan, lengths, args.block_size, classes)],
+        "head_classes": [c.model_dump() for c in
+                         class_reports(classes, lengths, args.block_size)],
         "rule_histogram": rule_histogram(plan),
     }
     if args.png:
@@ -108,8 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_plan_uniform)
 
-    p = plan.add_parser("show", help="densities and span classes of a plan")
+    p = plan.add_parser("show", help="densities and head classes of a plan")
     p.add_argument("plan")
+    p.add_argument("--head-classes", type=int,
+                   help="head classes at most (default: the plan's max_span_classes)")
     p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
     p.add_argument("--png", help="write a layer x KV head heatmap of the spans here")

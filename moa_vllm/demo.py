@@ -63,8 +63,8 @@ def wait_healthy(base: str, server: subprocess.Popen, log: Path, limit: float = 
 
 
 def blocks_freed(metrics_text: str) -> dict[str, float]:
-    """``moa_kv_blocks_freed`` per span class, from Prometheus' text format."""
-    pattern = r'^moa_kv_blocks_freed(?:_total)?\{span_class="(\d+)"\} (\S+)$'
+    """``moa_kv_blocks_freed`` per head class, from Prometheus' text format."""
+    pattern = r'^moa_kv_blocks_freed(?:_total)?\{head_class="(\d+)"\} (\S+)$'
     return {m.group(1): float(m.group(2))
             for m in re.finditer(pattern, metrics_text, flags=re.MULTILINE)}
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             early = int(sum(freed.values()))
             print(f"KV blocks returned to vLLM's pool before the request finished: "
                   f"{early} of {dense} ({100 * early / dense:.0f}%, "
-                  f"{len(freed)} span classes, from /metrics)")
+                  f"{len(freed)} head classes, from /metrics)")
         else:
             print("no MoA figures on /metrics (is the plugin installed?)")
     finally:

@@ -25,7 +25,10 @@ VARIABLES: tuple[EnvVar, ...] = (
            "folder where engine processes write their KV counters for /metrics "
            "(set by the front end to a fresh temporary folder when unset)"),
     EnvVar("MOA_KV_LOG", "0",
-           "1: log each finished request's early-freed blocks per span class"),
+           "1: log each finished request's early-freed blocks per head class"),
+    EnvVar("MOA_KEEP_ALL_BLOCKS", "0",
+           "1: debug switch, free no block (spans still apply): the exactness "
+           "reference for freeing, and a way to rule freeing out"),
     EnvVar("MOA_PLAN_CACHE", None,
            "stage cache of `plan search` (default: ~/.cache/moa-vllm/plan-search)"),
     EnvVar("MOA_EVAL_KV_BYTES", str(2 << 30), "KV-cache bytes of each `moa-vllm eval` engine"),
@@ -36,6 +39,7 @@ MOA_PLAN = "MOA_PLAN"
 MOA_PLANS_DIR = "MOA_PLANS_DIR"
 MOA_STATS_DIR = "MOA_STATS_DIR"
 MOA_KV_LOG = "MOA_KV_LOG"
+MOA_KEEP_ALL_BLOCKS = "MOA_KEEP_ALL_BLOCKS"
 MOA_PLAN_CACHE = "MOA_PLAN_CACHE"
 MOA_EVAL_KV_BYTES = "MOA_EVAL_KV_BYTES"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -75,7 +76,13 @@ class Plan(BaseModel):
     elastic: ElasticMode
     min_window: int = Field(ge=1)
     max_span_classes: int = Field(default=4, ge=1)
+    """Head classes (KV-cache groups) at most: the runtime uses the largest count
+    that splits the (layer, KV head) slots evenly."""
     rules: list[list[tuple[int, float]]]
+    head_classes: list[list[int]] | None = None
+    """Optional class of every (layer, KV head) slot, ``[layer][kv head]``, classes
+    ``0..k-1`` of equal sizes (the search writes one); without it the runtime
+    derives one (``span_classes.head_class_assignment``)."""
     provenance: Provenance
 
     @model_validator(mode="after")
@@ -99,7 +106,22 @@ class Plan(BaseModel):
                         f"rules[{layer}][{head}]: beta must be a number in [0, 1], "
                         f"got {beta}"
                     )
+        if self.head_classes is not None:
+            self._check_head_classes(shape)
         return self
+
+    def _check_head_classes(self, shape: tuple[int, int]) -> None:
+        rows = self.head_classes
+        if len(rows) != shape[0] or any(len(r) != shape[1] for r in rows):
+            raise ValueError(f"head_classes must be [num_layers={shape[0]}]"
+                             f"[num_kv_heads={shape[1]}] like rules")
+        sizes = Counter(c for row in rows for c in row)
+        if sorted(sizes) != list(range(len(sizes))):
+            raise ValueError(f"head_classes must number the classes 0..{len(sizes) - 1}, "
+                             f"got {sorted(sizes)}")
+        if len(set(sizes.values())) != 1:
+            raise ValueError("head_classes must have equal sizes (vLLM pads unequal "
+                             f"KV-cache groups), got {dict(sorted(sizes.items()))}")
 
     # -- runtime views -------------------------------------------------------
 
@@ -115,11 +137,17 @@ class Plan(BaseModel):
         )
 
     def to_json(self) -> str:
-        """Indented JSON with one line per layer of rules (plans are read by people)."""
+        """Indented JSON with one line per layer of rules and of head classes (plans
+        are read by people)."""
         data = self.model_dump(mode="json")
-        rows = ",\n  ".join(json.dumps(row) for row in data.pop("rules"))
-        head = json.dumps(data, indent=1)
-        return f'{head[:-2]},\n "rules": [\n  {rows}\n ]\n}}\n'
+        tables = {"rules": data.pop("rules")}
+        if (assignment := data.pop("head_classes")) is not None:
+            tables["head_classes"] = assignment
+        head = json.dumps(data, indent=1)[:-2]
+        for name, table in tables.items():
+            rows = ",\n  ".join(json.dumps(row) for row in table)
+            head += f',\n "{name}": [\n  {rows}\n ]'
+        return head + "\n}\n"
 
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_text(self.to_json())

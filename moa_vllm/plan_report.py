@@ -12,7 +12,13 @@ from collections import Counter
 from pydantic import BaseModel
 
 from moa_vllm.plan import ModelFingerprint, Plan, Provenance
-from moa_vllm.span_classes import allocated_density, assign_span_classes, average_density
+from moa_vllm.span_classes import (
+    HeadClass,
+    allocated_density,
+    assign_head_classes,
+    average_density,
+    cdiv,
+)
 
 REPORT_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
 DEFAULT_BLOCK_SIZE = 16  # vLLM's default block size on CPU and CUDA
@@ -22,6 +28,13 @@ class DensityAt(BaseModel):
     length: int
     average_density: float
     allocated_density: float
+
+
+class HeadClassReport(BaseModel):
+    index: int
+    slots: list[tuple[int, int]]  # (layer, KV head)
+    rules: int  # distinct rules in the class; it holds the blocks of the widest
+    allocated_density: list[float]  # the class alone, at the report's lengths
 
 
 class PlanReport(BaseModel):
@@ -35,7 +48,7 @@ class PlanReport(BaseModel):
     elastic: str
     sink_tokens: int
     min_window: int
-    span_classes: list[list[int]]
+    head_classes: list[HeadClassReport]
     block_size: int
     densities: list[DensityAt]
 
@@ -46,20 +59,34 @@ def report_lengths(plan: Plan) -> list[int]:
     return sorted({*(n for n in REPORT_LENGTHS if n < context), context})
 
 
-def density_table(plan: Plan, lengths: list[int], block_size: int) -> list[DensityAt]:
+def density_table(plan: Plan, lengths: list[int], block_size: int,
+                  classes: tuple[HeadClass, ...] | None = None) -> list[DensityAt]:
+    classes = classes or assign_head_classes(plan)
     return [DensityAt(length=n, average_density=average_density(plan, n),
-                      allocated_density=allocated_density(plan, n, block_size))
+                      allocated_density=allocated_density(plan, n, block_size, classes))
             for n in lengths]
 
 
+def class_reports(classes: tuple[HeadClass, ...], lengths: list[int],
+                  block_size: int) -> list[HeadClassReport]:
+    return [HeadClassReport(
+                index=c.index, slots=list(c.slots), rules=len(c.rules),
+                allocated_density=[c.held_blocks(n, n, block_size) / cdiv(n, block_size)
+                                   for n in lengths])
+            for c in classes]
+
+
 def plan_report(plan: Plan, source: str, how: str, block_size: int,
-                lengths: list[int] | None = None) -> PlanReport:
+                lengths: list[int] | None = None,
+                classes: tuple[HeadClass, ...] | None = None) -> PlanReport:
+    """``classes``: the engine's (tensor-parallel slots); default: one GPU's."""
+    lengths = lengths or report_lengths(plan)
+    classes = classes or assign_head_classes(plan)
     return PlanReport(
         source=source, how=how, model=plan.model, provenance=plan.provenance,
         elastic=plan.elastic, sink_tokens=plan.sink_tokens, min_window=plan.min_window,
-        span_classes=[list(c.layers) for c in assign_span_classes(plan)],
-        block_size=block_size,
-        densities=density_table(plan, lengths or report_lengths(plan), block_size),
+        head_classes=class_reports(classes, lengths, block_size), block_size=block_size,
+        densities=density_table(plan, lengths, block_size, classes),
     )
 
 
@@ -74,7 +101,8 @@ def banner(report: PlanReport) -> str:
     lines = [
         f"MoA plan: {report.source} (from {report.how}; {report.provenance.method}, "
         f"elastic={report.elastic}, {report.sink_tokens} sinks, "
-        f"{len(report.span_classes)} span classes)",
+        f"{len(report.head_classes)} head classes of {len(report.head_classes[0].slots)} "
+        "(layer, KV head) slots)",
     ]
     lines += [
         f"  at {d.length:>6} tokens: average density {d.average_density:.3f}, "

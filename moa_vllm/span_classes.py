@@ -1,18 +1,22 @@
-"""Span classes: groups of layers that share one vLLM block table.
+"""Head classes: the (layer, KV head) slots that share one vLLM block table.
 
-vLLM frees KV blocks per KV-cache group, and all layers of a group share one
-block table, so a group can only free what is dead for *every* head of *every*
-layer in it. Layers are therefore sorted by their widest rule and cut into a few
-equal-sized classes (vLLM requires groups of equal layer counts); each class
-becomes one KV-cache group whose manager frees with the class's widest window.
+vLLM frees KV blocks per KV-cache group, and all "layers" of a group share one
+block table. The engine gives every (layer, local KV head) slot its own one-head
+KV-cache layer, so a group is a set of slots: a *head class*. A class can only
+free what is dead for every slot in it, so it holds the blocks of its widest
+rule. Classes have equal sizes (vLLM splits and pads groups of unequal sizes).
 
-The same arithmetic serves the KV-cache manager (what to free) and the plan tool
-(the allocated density the runtime will actually achieve).
+The same arithmetic serves the KV-cache manager (what to free), the engine (which
+slot goes to which group), the plan tools and the planner (the allocated density
+the runtime will actually achieve).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from moa_vllm.plan import Plan
 from moa_vllm.span_mask import (
@@ -23,21 +27,30 @@ from moa_vllm.span_mask import (
     window_size,
 )
 
+ASSIGNMENT_BLOCK_SIZE = 16  # block size the derived assignment is optimised for
+
+Slot = tuple[int, int]  # (layer, local KV head)
+Rule = tuple[int, int]  # (alpha, beta_q)
+
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
 @dataclass(frozen=True)
-class SpanClass:
-    """The layers of one KV-cache group and the distinct rules they hold."""
+class HeadClass:
+    """The slots of one KV-cache group and the distinct rules they hold."""
 
     index: int
-    layers: tuple[int, ...]
-    rules: tuple[tuple[int, int], ...]  # distinct (alpha, beta_q)
+    slots: tuple[Slot, ...]
+    rules: tuple[Rule, ...]
     sink_tokens: int
     min_window: int
     elastic: ElasticMode
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(sorted({layer for layer, _ in self.slots}))
 
     def window(self, n: int) -> int:
         """The widest window of the class at elastic length ``n``."""
@@ -60,44 +73,189 @@ class SpanClass:
         first, last = self.dead_blocks(num_tokens, prompt_len, block_size)
         return cdiv(num_tokens, block_size) - max(0, last - first)
 
+    def peak_blocks(self, prompt_len: int, in_flight_tokens: int, block_size: int) -> int:
+        """Most blocks a request with this prompt holds while its prompt is computed
+        (sinks + the widest window at the prompt's length + the in-flight chunk):
+        its admission cap, as vLLM's sliding-window manager has one."""
+        window = self.window(prompt_len)  # windows never shrink as N grows
+        tokens = min(prompt_len, window - 1 + in_flight_tokens)
+        return min(cdiv(prompt_len, block_size),
+                   cdiv(self.sink_tokens, block_size) + cdiv(tokens, block_size) + 1)
 
-def num_span_classes(num_layers: int, max_classes: int) -> int:
-    """Largest class count <= max_classes that splits the layers evenly."""
-    return max(k for k in range(1, max_classes + 1) if num_layers % k == 0)
+
+def num_span_classes(num_items: int, max_classes: int) -> int:
+    """Largest class count <= max_classes that splits the items evenly."""
+    return max(k for k in range(1, max_classes + 1) if num_items % k == 0)
 
 
-def assign_span_classes(plan: Plan, max_classes: int | None = None) -> list[SpanClass]:
-    """Sort layers by their widest window at the model's context length and cut
-    them into equal classes (optimal for the sum of class maxima at that length)."""
+def local_kv_heads(num_kv_heads: int, tp_size: int) -> int:
+    """KV heads per tensor-parallel rank (vLLM replicates them when TP > heads)."""
+    return max(1, num_kv_heads // tp_size)
+
+
+def rank_kv_heads(num_kv_heads: int, tp_size: int, rank: int) -> range:
+    """The plan's KV heads tensor-parallel rank ``rank`` holds."""
+    local = local_kv_heads(num_kv_heads, tp_size)
+    start = rank * local if num_kv_heads >= tp_size else rank * num_kv_heads // tp_size
+    return range(start, start + local)
+
+
+def slot_rules(plan: Plan, tp_size: int = 1) -> dict[Slot, tuple[Rule, ...]]:
+    """Each (layer, local KV head) slot's rules: those of the heads that sit in that
+    slot on some rank (every rank must report the same spec for a slot)."""
+    heads = plan.model.num_kv_heads
+    out = {}
+    for layer, row in enumerate(plan.rules):
+        for j in range(local_kv_heads(heads, tp_size)):
+            rules = {(row[g][0], quantize_beta(row[g][1]))
+                     for g in (rank_kv_heads(heads, tp_size, r)[j] for r in range(tp_size))}
+            out[(layer, j)] = tuple(sorted(rules))
+    return out
+
+
+def objective_lengths(context: int) -> list[int]:
+    """Lengths the derived assignment is optimised at: 512 up to the context, at
+    powers of two and halfway between (and the context itself)."""
+    lengths = {context}
+    n = 512
+    while n < context:
+        lengths |= {n, min(context, n * 3 // 2)}
+        n *= 2
+    return sorted(lengths)
+
+
+class _Objective:
+    """Held blocks of every slot alone at the objective lengths: a class holds the
+    maximum over its slots (held blocks grow with the window)."""
+
+    def __init__(self, plan: Plan, rules: dict[Slot, tuple[Rule, ...]], slots: list[Slot]):
+        lengths = objective_lengths(plan.model.max_position_embeddings)
+        bs = ASSIGNMENT_BLOCK_SIZE
+        self.held = np.array([
+            [HeadClass(0, (s,), rules[s], plan.sink_tokens, plan.min_window,
+                       plan.elastic).held_blocks(n, n, bs) for n in lengths]
+            for s in slots], dtype=np.float64)  # [slots, lengths]
+        self.weight = 1.0 / np.array([cdiv(n, bs) for n in lengths], dtype=np.float64)
+
+    def totals(self, classes: list[list[int]]) -> np.ndarray:
+        """Held blocks of all classes, per objective length."""
+        return sum(self.held[c].max(axis=0) for c in classes)
+
+    def cost(self, classes: list[list[int]]) -> float:
+        return float(self.totals(classes) @ self.weight)
+
+
+def _improve(obj: _Objective, classes: list[list[int]], ceiling: np.ndarray | None,
+             max_passes: int = 20) -> list[list[int]]:
+    """Swap slots between classes while the weighted held blocks fall, never
+    above ``ceiling`` at any length."""
+    classes = [list(c) for c in classes]
+    held, w = obj.held, obj.weight
+    for _ in range(max_passes):
+        improved = False
+        for a in range(len(classes)):
+            for b in range(a + 1, len(classes)):
+                ca, cb = np.array(classes[a]), np.array(classes[b])
+                ma, mb = held[ca].max(axis=0), held[cb].max(axis=0)
+                # the class maximum without each member: the top-2 trick
+                wa = _max_without(held[ca])  # [size, lengths]
+                wb = _max_without(held[cb])
+                new_a = np.maximum(wa[:, None, :], held[cb][None, :, :])  # [i, j, lengths]
+                new_b = np.maximum(wb[None, :, :], held[ca][:, None, :])
+                delta_t = new_a + new_b - (ma + mb)  # [i, j, lengths]
+                delta = delta_t @ w
+                if ceiling is not None:
+                    base = obj.totals(classes)
+                    delta = np.where((base + delta_t <= ceiling + 1e-9).all(axis=2), delta, 0.0)
+                i, j = np.unravel_index(int(np.argmin(delta)), delta.shape)
+                if delta[i, j] < -1e-12:
+                    classes[a][i], classes[b][j] = classes[b][j], classes[a][i]
+                    improved = True
+        if not improved:
+            break
+    return [sorted(c) for c in classes]
+
+
+def _max_without(rows: np.ndarray) -> np.ndarray:
+    """``out[i] = rows[others than i].max(axis=0)`` (``-inf``-free: one row gives 0)."""
+    if len(rows) == 1:
+        return np.zeros_like(rows)
+    order = np.argsort(-rows, axis=0)
+    top1 = np.take_along_axis(rows, order[:1], axis=0)[0]
+    top2 = np.take_along_axis(rows, order[1:2], axis=0)[0]
+    is_top = np.arange(len(rows))[:, None] == order[0][None, :]
+    return np.where(is_top, top2, top1)
+
+
+def head_class_assignment(plan: Plan, tp_size: int = 1,
+                          max_classes: int | None = None) -> list[list[int]]:
+    """Class of every (layer, local KV head) slot, ``[layer][local head]``.
+
+    The plan's own assignment when it carries one (TP = 1); else derived: equal
+    classes, slots sorted by their widest window at the context length, then
+    improved by swaps (weighted held blocks over ``objective_lengths``). The
+    ``gcd(k, layers)`` layer classes (layers sorted by their widest window, as the
+    layer-class runtime cut them), each cut into equal head classes, are a second
+    start and a ceiling its swaps never exceed at any objective length; the
+    sorted start's result is kept only if it stays under that ceiling too. So a
+    plan searched for those layer classes never holds more under head classes.
+    """
+    if plan.head_classes is not None and tp_size == 1:
+        return [list(row) for row in plan.head_classes]
+    rules = slot_rules(plan, tp_size)
+    slots = sorted(rules)
     max_classes = max_classes or plan.max_span_classes
-    num_layers = plan.model.num_layers
-    k = num_span_classes(num_layers, max_classes)
+    k = num_span_classes(len(slots), max_classes)
+    size = len(slots) // k
     n_ref = plan.model.max_position_embeddings
-    layer_rules = [
-        sorted({(a, quantize_beta(b)) for a, b in plan.rules[layer]})
-        for layer in range(num_layers)
-    ]
+    obj = _Objective(plan, rules, slots)
 
-    def widest(layer: int) -> tuple[int, int]:
-        return (
-            max(window_size(a, b, n_ref, plan.min_window) for a, b in layer_rules[layer]),
-            layer,
-        )
+    def widest(i: int) -> tuple[int, Slot]:
+        s = slots[i]
+        return max(window_size(a, b, n_ref, plan.min_window) for a, b in rules[s]), s
 
-    order = sorted(range(num_layers), key=widest)
-    size = num_layers // k
-    classes = []
-    for c in range(k):
-        layers = tuple(sorted(order[c * size : (c + 1) * size]))
-        rules = tuple(sorted({r for layer in layers for r in layer_rules[layer]}))
-        classes.append(
-            SpanClass(c, layers, rules, plan.sink_tokens, plan.min_window, plan.elastic)
-        )
-    return classes
+    order = sorted(range(len(slots)), key=widest)
+    candidates = [_improve(obj, [order[c * size:(c + 1) * size] for c in range(k)], None)]
+    layers = plan.model.num_layers
+    k_layer = math.gcd(k, layers)
+    if k_layer > 1:  # layer classes, each cut into k / k_layer head classes
+        layer_order = sorted(range(layers), key=lambda l: max(
+            widest(i) for i in range(len(slots)) if slots[i][0] == l))
+        refined = []
+        for c in range(k_layer):
+            members = set(layer_order[c * layers // k_layer:(c + 1) * layers // k_layer])
+            part = sorted((i for i in range(len(slots)) if slots[i][0] in members), key=widest)
+            refined += [part[p * size:(p + 1) * size] for p in range(len(part) // size)]
+        candidates.append(_improve(obj, refined, obj.totals(refined)))
+        if not (obj.totals(candidates[0]) <= obj.totals(refined) + 1e-9).all():
+            candidates.pop(0)  # it holds more than the layer classes somewhere
+    best = min(candidates, key=obj.cost)
+    local = local_kv_heads(plan.model.num_kv_heads, tp_size)
+    assignment = [[0] * local for _ in range(layers)]
+    for c, members in enumerate(sorted(best, key=lambda m: min(slots[i] for i in m))):
+        for i in members:
+            layer, j = slots[i]
+            assignment[layer][j] = c
+    return assignment
 
 
-def class_of_layer(classes: list[SpanClass], layer: int) -> SpanClass:
-    return next(c for c in classes if layer in c.layers)
+def head_classes(plan: Plan, assignment: list[list[int]], tp_size: int = 1
+                 ) -> tuple[HeadClass, ...]:
+    """The classes of an assignment (``head_class_assignment``)."""
+    rules = slot_rules(plan, tp_size)
+    members: dict[int, list[Slot]] = {}
+    for layer, row in enumerate(assignment):
+        for j, c in enumerate(row):
+            members.setdefault(c, []).append((layer, j))
+    return tuple(
+        HeadClass(c, tuple(members[c]), tuple(sorted({r for s in members[c] for r in rules[s]})),
+                  plan.sink_tokens, plan.min_window, plan.elastic)
+        for c in sorted(members))
+
+
+def assign_head_classes(plan: Plan, tp_size: int = 1,
+                        max_classes: int | None = None) -> tuple[HeadClass, ...]:
+    return head_classes(plan, head_class_assignment(plan, tp_size, max_classes), tp_size)
 
 
 def head_density(alpha: int, beta: float, length: int, sink_tokens: int, min_window: int,
@@ -118,12 +276,11 @@ def average_density(plan: Plan, length: int) -> float:
     return total / (plan.model.num_layers * plan.model.num_kv_heads)
 
 
-def allocated_density(
-    plan: Plan, length: int, block_size: int, max_classes: int | None = None
-) -> float:
+def allocated_density(plan: Plan, length: int, block_size: int,
+                      classes: tuple[HeadClass, ...] | None = None) -> float:
     """Fraction of a dense cache's blocks the runtime holds for a ``length``-token
     request (the prompt is the whole length): what vLLM's block pool will show."""
-    classes = assign_span_classes(plan, max_classes)
+    classes = classes or assign_head_classes(plan)
     dense = cdiv(length, block_size)
-    held = [c.held_blocks(length, length, block_size) for c in classes]
-    return sum(held) / (len(classes) * dense)
+    held = sum(c.held_blocks(length, length, block_size) * len(c.slots) for c in classes)
+    return held / (sum(len(c.slots) for c in classes) * dense)

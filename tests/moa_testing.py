@@ -73,12 +73,12 @@ def scheduler(llm):
 
 
 def held_blocks(llm, request_id: str) -> dict[int, int]:
-    """Blocks a request holds right now per span class (vLLM's own block lists)."""
+    """Blocks a request holds right now per head class (vLLM's own block lists)."""
     from moa_vllm.engine.vllm_surface import is_null_block, request_blocks
 
     kvm = scheduler(llm).kv_cache_manager
     return {
-        m.kv_cache_spec.span_class: sum(
+        m.kv_cache_spec.head_class: sum(
             1 for b in request_blocks(m, request_id) if not is_null_block(m, b)
         )
         for m in kvm.coordinator.single_type_managers

@@ -1,16 +1,23 @@
 import random
+from pathlib import Path
 
 import pytest
 
 from moa_vllm.plan import PLAN_VERSION, ModelFingerprint, Plan, Provenance
 from moa_vllm.span_classes import (
     allocated_density,
-    assign_span_classes,
+    assign_head_classes,
     average_density,
     cdiv,
+    head_classes,
     num_span_classes,
+    objective_lengths,
+    slot_rules,
 )
 from moa_vllm.span_mask import quantize_beta, window_size
+
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def random_plan(num_layers=30, num_kv_heads=3, seed=0, elastic="position") -> Plan:
@@ -29,28 +36,88 @@ def random_plan(num_layers=30, num_kv_heads=3, seed=0, elastic="position") -> Pl
                 provenance=Provenance(method="test", created="now"))
 
 
-@pytest.mark.parametrize("layers, k_max, expected", [(30, 4, 3), (30, 2, 2), (4, 4, 4), (7, 4, 1)])
-def test_class_count_divides_layers(layers, k_max, expected):
-    assert num_span_classes(layers, k_max) == expected
+@pytest.mark.parametrize("items, k_max, expected", [(30, 4, 3), (30, 2, 2), (4, 4, 4), (7, 4, 1),
+                                                     (90, 9, 9), (90, 10, 10)])
+def test_class_count_divides_the_slots(items, k_max, expected):
+    assert num_span_classes(items, k_max) == expected
 
 
-def test_classes_partition_layers_equally_and_hold_their_rules():
+@pytest.mark.parametrize("k", [1, 3, 9, 10])
+def test_classes_partition_slots_equally_and_hold_their_rules(k):
     plan = random_plan()
-    classes = assign_span_classes(plan, 4)
-    layers = sorted(layer for c in classes for layer in c.layers)
-    assert layers == list(range(30))
-    assert {len(c.layers) for c in classes} == {10}
+    classes = assign_head_classes(plan, max_classes=k)
+    slots = sorted(s for c in classes for s in c.slots)
+    assert slots == [(layer, h) for layer in range(30) for h in range(3)]
+    assert len(classes) == k and {len(c.slots) for c in classes} == {90 // k}
     for c in classes:
-        for layer in c.layers:
-            for alpha, beta in plan.rules[layer]:
-                assert (alpha, quantize_beta(beta)) in c.rules
+        for layer, head in c.slots:
+            alpha, beta = plan.rules[layer][head]
+            assert (alpha, quantize_beta(beta)) in c.rules
 
 
-def brute_force_held_blocks(plan, layers, length, block_size):
-    """Blocks any head of these layers still reads for the next query (t = length)."""
+def total_held(plan, classes, n, bs=16):
+    return sum(c.held_blocks(n, n, bs) for c in classes)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_head_classes_never_hold_more_than_layer_classes(seed):
+    """The layer classes the runtime formed before head classes (layers sorted by
+    their widest window) are a ceiling at every objective length."""
+    plan = random_plan(seed=seed)
+    ours = assign_head_classes(plan, max_classes=9)  # gcd(9, 30) = 3 layer classes
+    widest = sorted(range(30), key=lambda layer: max(
+        window_size(a, quantize_beta(b), 8192, plan.min_window) for a, b in plan.rules[layer]))
+    layer_classes = [sorted(widest[c * 10:(c + 1) * 10]) for c in range(3)]
+    assignment = [[next(i for i, c in enumerate(layer_classes) if layer in c)] * 3
+                  for layer in range(30)]
+    before = head_classes(plan, assignment)
+    for n in objective_lengths(8192):
+        # per slot: 3 layer classes of 30 slots hold 30 x their blocks; 9 of 10 hold 10 x
+        assert 10 * total_held(plan, ours, n) <= 30 * total_held(plan, before, n), n
+
+
+def test_swaps_beat_the_sorted_cut_on_the_shipped_per_head_plan():
+    from moa_vllm.plan import load_plan
+
+    plan = load_plan(ROOT / "plans" / "smollm2-135m-moa-0.5-perhead.json")
+    classes = assign_head_classes(plan, max_classes=9)
+    rules = slot_rules(plan)
+    order = sorted(rules, key=lambda s: (max(window_size(a, b, 8192, plan.min_window)
+                                             for a, b in rules[s]), s))
+    cut = [[0] * 3 for _ in range(30)]
+    for i, (layer, h) in enumerate(order):
+        cut[layer][h] = i // 10
+    sorted_cut = head_classes(plan, cut)
+    lengths = objective_lengths(8192)
+    assert sum(total_held(plan, classes, n) / cdiv(n, 16) for n in lengths) < sum(
+        total_held(plan, sorted_cut, n) / cdiv(n, 16) for n in lengths)
+    assert allocated_density(plan, 2048, 16, classes) < 0.75  # layer classes: 1.00
+
+
+def test_a_plans_own_assignment_is_served():
+    plan = random_plan(num_layers=4, num_kv_heads=2)
+    assignment = [[0, 1], [1, 0], [0, 1], [1, 0]]
+    plan = plan.model_copy(update={"head_classes": assignment})
+    classes = assign_head_classes(plan)
+    assert [c.slots for c in classes] == [((0, 0), (1, 1), (2, 0), (3, 1)),
+                                          ((0, 1), (1, 0), (2, 1), (3, 0))]
+
+
+def test_tensor_parallel_slots_hold_the_rules_of_every_rank():
+    plan = random_plan(num_layers=2, num_kv_heads=4)
+    rules = slot_rules(plan, tp_size=2)
+    assert sorted(rules) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for (layer, j), held in rules.items():
+        expected = {(a, quantize_beta(b)) for a, b in (plan.rules[layer][j],
+                                                       plan.rules[layer][2 + j])}
+        assert set(held) == expected
+
+
+def brute_force_held_blocks(plan, slots, length, block_size):
+    """Blocks any of these slots' heads still reads for the next query (t = length)."""
     needed = set()
-    for layer in layers:
-        for alpha, beta in plan.rules[layer]:
+    for layer, head in slots:
+        for alpha, beta in [plan.rules[layer][head]]:
             n = length + 1 if plan.elastic == "position" else length
             w = window_size(alpha, quantize_beta(beta), n, plan.min_window)
             for j in range(length):
@@ -64,8 +131,8 @@ def brute_force_held_blocks(plan, layers, length, block_size):
 def test_held_blocks_cover_every_needed_block(elastic, length):
     plan = random_plan(seed=1, elastic=elastic)
     bs = 16
-    for c in assign_span_classes(plan, 3):
-        needed = brute_force_held_blocks(plan, c.layers, length, bs)
+    for c in assign_head_classes(plan, max_classes=9):
+        needed = brute_force_held_blocks(plan, c.slots, length, bs)
         first, last = c.dead_blocks(length, length, bs)
         dead = set(range(first, last))
         assert not needed & dead  # never frees a block some head reads

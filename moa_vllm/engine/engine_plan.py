@@ -15,16 +15,41 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 from dataclasses import dataclass
 
 from moa_vllm.engine import stats, vllm_surface
 from moa_vllm.engine.kv_cache import MoaSpanSpec
 from moa_vllm.plan import Plan, PlanError, fingerprint_from_hf_config
 from moa_vllm.plan_discovery import resolve_plan
-from moa_vllm.span_classes import SpanClass, assign_span_classes, class_of_layer
+from moa_vllm.span_classes import (
+    HeadClass,
+    Slot,
+    head_class_assignment,
+    head_classes,
+    local_kv_heads,
+    rank_kv_heads,
+)
 from moa_vllm.span_mask import LayerSpans
 
 logger = vllm_surface.logger
+
+SLOT_SUFFIX = ".moa_kv"  # KV head j >= 1 of layer L is the KV-cache layer "L.moa_kv<j>"
+
+
+def slot_layer_name(layer_name: str, local_head: int) -> str:
+    """The KV-cache layer that holds one local KV head of an attention layer."""
+    return layer_name if local_head == 0 else f"{layer_name}{SLOT_SUFFIX}{local_head}"
+
+
+def slot_of(slot_name: str) -> Slot:
+    """(layer index, local KV head) of a KV-cache layer name."""
+    layer_name, _, head = slot_name.partition(SLOT_SUFFIX)
+    return vllm_surface.layer_index(layer_name), int(head or 0)
+
+
+def extra_slot_names(layer_name: str, num_local_kv_heads: int) -> list[str]:
+    return [slot_layer_name(layer_name, j) for j in range(1, num_local_kv_heads)]
 
 
 @dataclass(frozen=True)
@@ -32,27 +57,50 @@ class EnginePlan:
     plan: Plan
     source: str  # the plan file
     how: str  # which discovery rule found it
+    tp_size: int = 1
+    assignment: tuple[tuple[int, ...], ...] | None = None
+    """Head class of every (layer, local KV head) slot; derived once, in the front end."""
+
+    def __post_init__(self) -> None:
+        if self.assignment is None:
+            assignment = head_class_assignment(self.plan, self.tp_size)
+            object.__setattr__(self, "assignment", tuple(map(tuple, assignment)))
 
     @functools.cached_property
     def digest(self) -> str:
-        return hashlib.sha256(self.plan.model_dump_json().encode()).hexdigest()[:16]
+        key = {"plan": self.plan.model_dump(mode="json"), "tp": self.tp_size,
+               "classes": self.assignment}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
     @functools.cached_property
-    def span_classes(self) -> tuple[SpanClass, ...]:
-        return tuple(assign_span_classes(self.plan))
+    def head_classes(self) -> tuple[HeadClass, ...]:
+        return head_classes(self.plan, [list(r) for r in self.assignment], self.tp_size)
 
-    def spec_for_layer(self, spec, layer: int) -> MoaSpanSpec:
-        """The KV-cache spec of one layer: its span class's."""
-        return MoaSpanSpec.for_layer(spec, class_of_layer(list(self.span_classes), layer))
+    @property
+    def num_local_kv_heads(self) -> int:
+        return local_kv_heads(self.plan.model.num_kv_heads, self.tp_size)
 
-    def layer_spans(self, layer: int, kv_heads: slice | None = None) -> LayerSpans:
-        return self.plan.layer_spans(layer, kv_heads)
+    def class_of(self, slot_name: str) -> HeadClass:
+        layer, head = slot_of(slot_name)
+        return self.head_classes[self.assignment[layer][head]]
+
+    def spec_for_slot(self, spec, slot_name: str, in_flight_tokens: int) -> MoaSpanSpec:
+        """The KV-cache spec of one slot: one KV head's page, in its head class."""
+        return MoaSpanSpec.for_slot(spec, self.class_of(slot_name), in_flight_tokens)
+
+    def slot_spans(self, slot_name: str, rank: int) -> LayerSpans:
+        """The rule of the KV head a slot holds on this tensor-parallel rank."""
+        layer, j = slot_of(slot_name)
+        head = rank_kv_heads(self.plan.model.num_kv_heads, self.tp_size, rank)[j]
+        return self.plan.layer_spans(layer, slice(head, head + 1))
 
     def to_config(self) -> dict:
         """The ``additional_config["moa"]`` entry that carries this record."""
         return {"plan": self.source,
                 "resolved": {"plan": self.plan.model_dump(mode="json"), "source": self.source,
-                             "how": self.how, "digest": self.digest}}
+                             "how": self.how, "tp_size": self.tp_size,
+                             "head_classes": [list(r) for r in self.assignment],
+                             "digest": self.digest}}
 
     @classmethod
     def from_config(cls, vllm_config=None) -> EnginePlan:
@@ -66,7 +114,8 @@ class EnginePlan:
         digest = resolved["digest"]
         if digest not in _RECORDS:
             _RECORDS[digest] = cls(Plan.model_validate(resolved["plan"]), resolved["source"],
-                                   resolved["how"])
+                                   resolved["how"], resolved["tp_size"],
+                                   tuple(map(tuple, resolved["head_classes"])))
         return _RECORDS[digest]
 
 
@@ -108,10 +157,13 @@ def configure_engine(vllm_config) -> None:
         )
     fingerprint = fingerprint_from_hf_config(model_config.hf_config)
     resolved = resolve_plan(model_config.model, fingerprint, entry.get("plan"))
-    record = EnginePlan(resolved.plan, resolved.source, resolved.how)
+    record = EnginePlan(resolved.plan, resolved.source, resolved.how,
+                        vllm_surface.tensor_parallel_size(vllm_config))
     plan = record.plan
-    logger.info("MoA plan %s (from %s): %s, elastic=%s, sinks=%d", record.source,
-                record.how, plan.provenance.method, plan.elastic, plan.sink_tokens)
+    logger.info("MoA plan %s (from %s): %s, elastic=%s, sinks=%d, %d head classes of %d "
+                "(layer, KV head) slots", record.source, record.how, plan.provenance.method,
+                plan.elastic, plan.sink_tokens, len(record.head_classes),
+                len(record.head_classes[0].slots))
     if plan.elastic == "prompt":
         if vllm_surface.disable_prefix_caching(vllm_config):
             logger.warning(

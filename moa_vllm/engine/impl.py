@@ -1,8 +1,11 @@
 """MoA attention: writes the KV cache and attends within each KV head's span.
 
-On CUDA it runs the Triton paged-KV kernel (``moa_kernels``); elsewhere a torch
-path that gathers only the keys inside the layer's spans. Neither ever reads a
-position outside a span: freed blocks are reused by other requests.
+Every local KV head of a layer has its own KV-cache slot (its own cache tensor,
+block table and slot mapping: its head class's group); slot 0 is the layer's
+own, the others are read from the forward context. On CUDA it runs the Triton
+paged-KV kernel (``moa_kernels``) per slot; elsewhere a torch path that gathers
+only the keys inside the slot's span. Neither ever reads a position outside a
+span: freed blocks are reused by other requests.
 """
 
 from __future__ import annotations
@@ -10,12 +13,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moa_vllm.engine.engine_plan import slot_layer_name
 from moa_vllm.engine.metadata import MoaAttentionMetadata
 from moa_vllm.engine.vllm_surface import (
     AttentionImpl,
     AttentionLayer,
     AttentionType,
     reshape_and_cache_cuda,
+    slot_attention_context,
 )
 from moa_vllm.paged_kv import gather_kv
 from moa_vllm.span_mask import elastic_lengths
@@ -33,7 +38,7 @@ def _span_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch
     tq, num_heads, head_size = q.shape
     hkv = k.shape[1]
     group = num_heads // hkv
-    qh = q.view(tq, hkv, group, head_size).permute(1, 2, 0, 3)
+    qh = q.reshape(tq, hkv, group, head_size).permute(1, 2, 0, 3)
     kh = k.permute(1, 0, 2)[:, None].expand(-1, group, -1, -1)
     vh = v.permute(1, 0, 2)[:, None].expand(-1, group, -1, -1)
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed[:, None], scale=scale)
@@ -91,13 +96,24 @@ class MoaAttentionImpl(AttentionImpl):
             raise NotImplementedError("MoA attention does not fuse output quantization")
         if attn_metadata is None:  # profiling run
             return output
-        spans = attn_metadata.layer_spans[layer.layer_name]
         num_tokens = attn_metadata.num_actual_tokens
-        if query.is_cuda:
-            self._forward_triton(query[:num_tokens], kv_cache, attn_metadata, spans, output)
-        else:
-            self._forward_torch(query[:num_tokens], kv_cache, attn_metadata, spans, output)
+        group = self.num_heads // self.num_kv_heads
+        forward = self._forward_triton if query.is_cuda else self._forward_torch
+        for j, (name, md, kv) in enumerate(self._slots(layer, attn_metadata, kv_cache)):
+            heads = slice(j * group, (j + 1) * group)
+            forward(query[:num_tokens, heads], kv, md, md.layer_spans[name],
+                    output[:num_tokens, heads])
         return output
+
+    def _slots(self, layer, attn_metadata, kv_cache):
+        """(name, metadata, KV cache) of each local KV head's slot."""
+        for j in range(self.num_kv_heads):
+            name = slot_layer_name(layer.layer_name, j)
+            if j == 0:
+                yield name, attn_metadata, kv_cache
+            else:
+                md, kv, _ = slot_attention_context(name)
+                yield name, md, kv
 
     def _forward_triton(self, query, kv_cache, md, spans, output) -> None:
         from moa_kernels import span_attention_paged
@@ -107,7 +123,7 @@ class MoaAttentionImpl(AttentionImpl):
             query_start_loc=md.query_start_loc, seq_lens=md.seq_lens,
             alpha=spans.alpha, beta_q=spans.beta_q, sink_tokens=spans.sink_tokens,
             min_window=spans.min_window, elastic_position=spans.elastic == "position",
-            prompt_lens=md.prompt_lens, scale=self.scale, output=output[: query.shape[0]],
+            prompt_lens=md.prompt_lens, scale=self.scale, output=output,
             max_query_len=md.max_query_len, max_seq_len=md.max_seq_len,
             num_splits=md.num_splits,
         )
@@ -140,11 +156,19 @@ class MoaAttentionImpl(AttentionImpl):
         kv_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
-        if key.is_cuda:
-            reshape_and_cache_cuda(
-                key, value, kv_cache, slot_mapping, self.kv_cache_dtype, layer
-            )
-            return
+        """Each local KV head goes to its own slot's cache, at its group's slots."""
+        for j in range(self.num_kv_heads):
+            if j == 0:
+                kv, slots = kv_cache, slot_mapping
+            else:
+                _, kv, slots = slot_attention_context(slot_layer_name(layer.layer_name, j))
+            k, v = key[:, j:j + 1], value[:, j:j + 1]
+            if key.is_cuda:
+                reshape_and_cache_cuda(k, v, kv, slots, self.kv_cache_dtype, layer)
+            else:
+                self._write_torch(k, v, kv, slots)
+
+    def _write_torch(self, key, value, kv_cache, slot_mapping) -> None:
         num_tokens = key.shape[0]
         slots = slot_mapping[:num_tokens]
         valid = slots >= 0

@@ -1,9 +1,10 @@
 """KV-cache spec and manager that return blocks outside every span to vLLM's pool.
 
-Each span class (see ``span_classes``) is one KV-cache group. Its spec is a
-``FullAttentionSpec`` (same page layout, same start-up sizing) that carries the
+Each head class (see ``span_classes``) is one KV-cache group of one-KV-head
+slots. Its spec is a ``FullAttentionSpec`` (same page layout) that carries the
 class's rules; its manager frees, per request and per step, the blocks that no
-later query of any head of any layer in the class reads, keeping the sinks.
+later query of any slot in the class reads, keeping the sinks, and admits a
+request by what it will hold (its peak), not by a dense prompt's worth.
 """
 
 from __future__ import annotations
@@ -19,45 +20,42 @@ from moa_vllm.engine.vllm_surface import (
     free_block_range,
     is_null_block,
     logger,
+    max_model_len,
     request_blocks,
 )
-from moa_vllm.span_classes import SpanClass
+from moa_vllm.span_classes import HeadClass
 from moa_vllm.span_mask import ElasticMode
 
 
 @dataclass(frozen=True, kw_only=True)
 class MoaSpanSpec(FullAttentionSpec):
-    """Full-attention page layout plus the span class that frees it."""
+    """One KV head's full-attention page plus the head class that frees it."""
 
-    span_class: int
+    head_class: int
     span_rules: tuple[tuple[int, int], ...]
     sink_tokens: int
     min_window: int
     elastic: ElasticMode
+    in_flight_tokens: int  # tokens scheduled but not settled (admission, sizing)
 
-    _SPAN_FIELDS = ("span_class", "span_rules", "sink_tokens", "min_window", "elastic")
+    _SPAN_FIELDS = ("head_class", "span_rules", "sink_tokens", "min_window", "elastic",
+                    "in_flight_tokens")
 
-    def span(self) -> SpanClass:
-        return SpanClass(
-            self.span_class,
-            (),
-            self.span_rules,
-            self.sink_tokens,
-            self.min_window,
-            self.elastic,
-        )
+    def span(self) -> HeadClass:
+        return HeadClass(self.head_class, (), self.span_rules, self.sink_tokens,
+                         self.min_window, self.elastic)
 
     def _span_key(self) -> tuple:
         return tuple(getattr(self, f) for f in self._SPAN_FIELDS)
 
     @classmethod
     def merge(cls, specs: list[Self]) -> Self:
-        # vLLM groups layers whose specs merge; different span classes must not
+        # vLLM groups layers whose specs merge; different head classes must not
         # merge, or the group would free with one class's window for all.
         if not all(isinstance(s, MoaSpanSpec) for s in specs) or len(
             {s._span_key() for s in specs}
         ) != 1:
-            raise AssertionError("MoA span classes are separate KV-cache groups")
+            raise AssertionError("MoA head classes are separate KV-cache groups")
         base = FullAttentionSpec.merge(specs)
         kwargs = {f.name: getattr(base, f.name) for f in fields(FullAttentionSpec)}
         kwargs.update(zip(cls._SPAN_FIELDS, specs[0]._span_key()))
@@ -69,16 +67,26 @@ class MoaSpanSpec(FullAttentionSpec):
             for s in kv_cache_specs.values()
         )
 
+    def max_memory_usage_bytes(self, vllm_config) -> int:
+        """What one request of ``max_model_len`` tokens holds at its peak: vLLM's
+        start-up check (one request must fit) and its "maximum concurrency" log."""
+        length = max_model_len(vllm_config)
+        return self.span().peak_blocks(length, self.in_flight_tokens,
+                                       self.block_size) * self.page_size_bytes
+
     @classmethod
-    def for_layer(cls, spec: FullAttentionSpec, span: SpanClass) -> MoaSpanSpec:
+    def for_slot(cls, spec: FullAttentionSpec, head_class: HeadClass,
+                 in_flight_tokens: int) -> MoaSpanSpec:
         kwargs = {f.name: getattr(spec, f.name) for f in fields(FullAttentionSpec)}
+        kwargs["num_kv_heads"] = 1
         return cls(
             **kwargs,
-            span_class=span.index,
-            span_rules=span.rules,
-            sink_tokens=span.sink_tokens,
-            min_window=span.min_window,
-            elastic=span.elastic,
+            head_class=head_class.index,
+            span_rules=head_class.rules,
+            sink_tokens=head_class.sink_tokens,
+            min_window=head_class.min_window,
+            elastic=head_class.elastic,
+            in_flight_tokens=in_flight_tokens,
         )
 
 
@@ -89,7 +97,22 @@ class MoaSpanManager(FullAttentionManager):
     def __init__(self, kv_cache_spec: MoaSpanSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
         self.span = kv_cache_spec.span()
+        self.in_flight_tokens = kv_cache_spec.in_flight_tokens
+        self.keep_all = envs.get(envs.MOA_KEEP_ALL_BLOCKS) == "1"
         self._freed_until: dict[str, int] = {}  # request -> end of its freed range
+
+    def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, *args,
+                                   apply_admission_cap: bool = False, prefill_end: int = 0,
+                                   **kwargs) -> int:
+        """With the admission cap (the scheduler's full-prompt check), a request is
+        charged its peak under this class's spans, as vLLM's sliding-window manager
+        charges its window."""
+        if apply_admission_cap and not self.keep_all:
+            self.max_admission_blocks_per_request = self.span.peak_blocks(
+                max(num_tokens, prefill_end), self.in_flight_tokens, self.block_size)
+        return super().get_num_blocks_to_allocate(
+            request_id, num_tokens, *args, apply_admission_cap=apply_admission_cap,
+            prefill_end=prefill_end, **kwargs)
 
     def remove_skipped_blocks(
         self,
@@ -97,6 +120,8 @@ class MoaSpanManager(FullAttentionManager):
         processed_computed_tokens: int,
         num_prompt_tokens: int | None = None,
     ) -> None:
+        if self.keep_all:
+            return
         if num_prompt_tokens is None and self.span.elastic == "prompt":
             return  # N unknown: keep everything rather than guess
         blocks = request_blocks(self, request_id)
@@ -124,9 +149,8 @@ class MoaSpanManager(FullAttentionManager):
         if blocks and envs.get(envs.MOA_KV_LOG) == "1":
             early = sum(1 for b in blocks if is_null_block(self, b))
             logger.info(
-                "MoA KV: request %s span class %d: %d of %d blocks returned to "
+                "MoA KV: request %s head class %d: %d of %d blocks returned to "
                 "the pool before the request finished",
                 request_id, self.span.index, early, len(blocks),
             )
         return blocks
-

@@ -19,10 +19,9 @@ from moa_vllm.engine.vllm_surface import (
     AttentionMetadataBuilder,
     CommonAttentionMetadata,
     full_decode_graphs,
-    layer_index,
     max_num_seqs,
     prompt_lengths,
-    tp_kv_head_slice,
+    tensor_parallel_rank,
 )
 from moa_vllm.span_mask import LayerSpans
 
@@ -42,7 +41,7 @@ class MoaAttentionMetadata:
     prompt_lens: torch.Tensor | None  # [B] int32, elastic="prompt" only
     query_start_loc_cpu: torch.Tensor
     num_reqs: int
-    layer_spans: Mapping[str, LayerSpans]  # this rank's KV heads, on the device
+    layer_spans: Mapping[str, LayerSpans]  # per KV slot of the group: its one head's rule
     num_splits: int | None  # split-KV segments fixed by the builder; None: kernel's choice
 
 
@@ -63,10 +62,17 @@ class MoaAttentionMetadataBuilder(AttentionMetadataBuilder[MoaAttentionMetadata]
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         served = EnginePlan.from_config(vllm_config)
-        self.num_kv_heads = kv_cache_spec.num_kv_heads  # this rank's
-        heads = tp_kv_head_slice(self.num_kv_heads, served.plan.model.num_kv_heads)
+        head_class = served.head_classes[kv_cache_spec.head_class]
+        got = sorted(served.class_of(name).index for name in layer_names)
+        if got != [head_class.index] * len(head_class.slots):
+            raise RuntimeError(
+                f"vLLM formed a KV-cache group of {len(layer_names)} slots of head classes "
+                f"{sorted(set(got))}; MoA needs each group to be exactly one head class "
+                f"({len(head_class.slots)} slots): vLLM's grouping changed")
+        self.num_kv_heads = served.num_local_kv_heads  # the real layers', not the slots'
+        rank = tensor_parallel_rank()
         self.layer_spans = {
-            name: served.layer_spans(layer_index(name), heads).to(device) for name in layer_names
+            name: served.slot_spans(name, rank).to(device) for name in layer_names
         }
         self.prompt_lens = torch.zeros(max_num_seqs(vllm_config), dtype=torch.int32,
                                        device=device)

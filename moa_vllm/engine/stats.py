@@ -30,7 +30,7 @@ def ensure_stats_dir() -> Path:
 
 
 class EngineStats:
-    """Counters of this engine process, per span class."""
+    """Counters of this engine process, per head class."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -41,19 +41,19 @@ class EngineStats:
         self.requests_finished = defaultdict(int)
         self._last_flush = 0.0
 
-    def record_step(self, span_class: int, request_id: str, held: int, freed: int,
+    def record_step(self, head_class: int, request_id: str, held: int, freed: int,
                     kept: int, dense: int) -> None:
         with self._lock:
-            self.blocks_freed[span_class] += freed
-            self.blocks_held[span_class][request_id] = held
-            self.tokens_kept[span_class] += kept
-            self.tokens_dense[span_class] += dense
+            self.blocks_freed[head_class] += freed
+            self.blocks_held[head_class][request_id] = held
+            self.tokens_kept[head_class] += kept
+            self.tokens_dense[head_class] += dense
         self.maybe_flush()
 
-    def record_finish(self, span_class: int, request_id: str) -> None:
+    def record_finish(self, head_class: int, request_id: str) -> None:
         with self._lock:
-            self.blocks_held[span_class].pop(request_id, None)
-            self.requests_finished[span_class] += 1
+            self.blocks_held[head_class].pop(request_id, None)
+            self.requests_finished[head_class] += 1
         self.maybe_flush(force=True)
 
     def snapshot(self) -> dict:
@@ -88,7 +88,7 @@ ENGINE_STATS = EngineStats()
 
 
 def read_stats(directory: str | os.PathLike | None = None) -> dict[str, dict]:
-    """Per span class, summed over the engine processes that wrote stats."""
+    """Per head class, summed over the engine processes that wrote stats."""
     directory = directory or os.environ.get(STATS_DIR_ENV)
     total: dict[str, dict] = defaultdict(lambda: defaultdict(int))
     if not directory:
@@ -98,7 +98,7 @@ def read_stats(directory: str | os.PathLike | None = None) -> dict[str, dict]:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue  # being replaced right now
-        for span_class, figures in data.items():
+        for head_class, figures in data.items():
             for key, value in figures.items():
-                total[span_class][key] += value
+                total[head_class][key] += value
     return {c: dict(f) for c, f in total.items()}

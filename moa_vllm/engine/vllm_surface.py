@@ -12,20 +12,37 @@ Contracts we rely on (vLLM file, relative to the ``vllm`` package):
   front end on the finished ``VllmConfig``: our plan is resolved there.
 - ``platforms/cpu.py``: ``CpuPlatform.get_attn_backend_cls`` ignores the
   selected backend; we answer ours when asked for it.
-- ``model_executor/layers/attention/attention.py``: ``Attention.get_kv_cache_spec``
-  is the only hook told which layer a spec is for.
+- ``model_executor/layers/attention/attention.py``: ``Attention.__init__`` puts the
+  layer in ``compilation_config.static_forward_context``, and KV-cache specs are
+  collected from that dict (``v1/worker/gpu_model_runner.py``
+  ``get_kv_cache_spec``, used by the CPU runner too): an ``AttentionLayerBase``
+  registered there under its own name gets a spec, a KV tensor, a group and a
+  slot mapping. ``Attention.get_kv_cache_spec`` is the only hook told which layer
+  a spec is for; ``get_attention_context(name)`` reads a name's metadata, KV
+  cache and slot mapping in a forward. Several names may share a layer index
+  (``v1/worker/utils.py`` ``check_runner_kv_caches_multi_layer`` is a no-op on
+  CPU and CUDA).
+- ``v1/core/kv_cache_utils.py``: specs that do not merge form buckets, each split
+  into groups of the smallest bucket's size, padded otherwise: our classes have
+  equal sizes, and the builder checks its group is exactly one class.
 - ``model_executor/models/utils.py``: ``extract_layer_index``.
 - ``v1/kv_cache_spec_registry.py``: ``KVCacheSpecRegistry.register`` (after
   ``_ensure_registered``, or the built-ins are skipped once it is non-empty).
 - ``v1/core/single_type_kv_cache_manager.py``: ``FullAttentionManager`` and its
-  ``req_to_blocks``, ``_remove_blocks_in_range``, ``_null_block``.
+  ``req_to_blocks``, ``_remove_blocks_in_range``, ``_null_block``; the manager's
+  ``remove_skipped_blocks`` and ``get_num_blocks_to_allocate`` (its
+  ``apply_admission_cap`` / ``max_admission_blocks_per_request`` gate) are
+  overridden in ``engine/kv_cache.py``.
+- ``v1/kv_cache_interface.py``: ``FullAttentionSpec.max_memory_usage_bytes`` (the
+  start-up check that one request fits, and the "maximum concurrency" log);
+  ``VllmConfig.max_in_flight_tokens``.
 - ``v1/attention/backend.py``: ``CommonAttentionMetadata.rswa_prefix_lens``
   (per-request prompt lengths, filled only when
   ``model_config.model_arch_config.rswa_window`` is not None).
 - ``config/``: ``additional_config`` (ours under ``"moa"``),
   ``cache_config.enable_prefix_caching``, ``compilation_config.cudagraph_mode``,
   ``scheduler_config.max_num_seqs``.
-- ``distributed``: tensor-parallel rank and world size.
+- ``distributed``: the tensor-parallel rank (the world size from the config).
 - ``v1/attention/ops/triton_reshape_and_cache_flash.py``: the CUDA KV write.
 - ``v1/engine/llm_engine.py``: an offline ``LLM``'s in-process scheduler and its
   engine core's shutdown (tests and benchmarks).
@@ -36,6 +53,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+
+import torch
 
 from vllm.config import VllmConfig, get_current_vllm_config  # noqa: F401  (re-exported)
 from vllm.logger import init_logger
@@ -105,26 +124,76 @@ def install_platform_hooks(configure: Callable[[VllmConfig], None]) -> None:
     platform_cls._moa_hooked = True
 
 
-def install_layer_spec_hook(
-    spec_for_layer: Callable[[FullAttentionSpec, int, VllmConfig], FullAttentionSpec],
+def install_kv_slot_hooks(
+    extra_slot_names: Callable[[str, int], list[str]],
+    spec_for_slot: Callable[[FullAttentionSpec, str, VllmConfig], FullAttentionSpec],
 ) -> None:
-    """Idempotent: layers served by our backend report ``spec_for_layer(spec,
-    layer index, config)`` (``AttentionBackend`` is not told which layer it serves)."""
+    """Idempotent: every layer served by our backend becomes one KV-cache "layer"
+    per local KV head. The layer itself is the slot of its KV head 0; after it is
+    built, ``extra_slot_names(layer_name, num_kv_heads)`` names its other slots,
+    each registered in the static forward context as a KV-only layer, so vLLM
+    gives each slot its own spec, KV tensor, KV-cache group and slot mapping.
+    Every slot reports ``spec_for_slot(the layer's own spec, slot name, config)``.
+    """
     from vllm.model_executor.layers.attention.attention import Attention
+    from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 
     if getattr(Attention, "_moa_hooked", False):
         return
-    original = Attention.get_kv_cache_spec
+    original_spec = Attention.get_kv_cache_spec
+    original_init = Attention.__init__
 
-    @functools.wraps(original)
+    class KVSlotLayer(AttentionLayerBase):
+        """The KV cache of one more KV head of ``parent``; it never runs a forward."""
+
+        def __init__(self, parent: Attention, name: str) -> None:
+            self.parent = parent
+            self.layer_name = name
+            self.impl = parent.impl
+            # the runner splits a group's builders by (backend, spec, num_heads)
+            self.num_heads = parent.num_heads
+            self.num_kv_heads = 1
+            self.head_size = parent.head_size
+            self.attn_type = parent.attn_type
+            self.kv_sharing_target_layer_name = None
+            self.kv_cache = torch.tensor([])
+
+        def get_attn_backend(self):
+            return self.parent.attn_backend
+
+        def get_kv_cache_spec(self, vllm_config: VllmConfig):
+            return spec_for_slot(original_spec(self.parent, vllm_config), self.layer_name,
+                                 vllm_config)
+
+    @functools.wraps(original_init)
+    def __init__(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        if self.attn_backend.get_name() != BACKEND_NAME:
+            return
+        context = get_current_vllm_config().compilation_config.static_forward_context
+        for name in extra_slot_names(self.layer_name, self.num_kv_heads):
+            if name in context:
+                raise ValueError(f"Duplicate layer name: {name}")
+            context[name] = KVSlotLayer(self, name)
+
+    @functools.wraps(original_spec)
     def get_kv_cache_spec(self, vllm_config: VllmConfig):
-        spec = original(self, vllm_config)
+        spec = original_spec(self, vllm_config)
         if type(spec) is FullAttentionSpec and self.attn_backend.get_name() == BACKEND_NAME:
-            return spec_for_layer(spec, layer_index(self.layer_name), vllm_config)
+            return spec_for_slot(spec, self.layer_name, vllm_config)
         return spec
 
+    Attention.__init__ = __init__
     Attention.get_kv_cache_spec = get_kv_cache_spec
     Attention._moa_hooked = True
+
+
+def slot_attention_context(slot_name: str):
+    """(attention metadata, KV cache, slot mapping) of one KV slot in this forward."""
+    from vllm.model_executor.layers.attention.attention import get_attention_context
+
+    metadata, _, kv_cache, slot_mapping = get_attention_context(slot_name)
+    return metadata, kv_cache, slot_mapping
 
 
 def register_kv_cache_spec(spec_cls: type, manager_cls: type) -> None:
@@ -185,20 +254,24 @@ def layer_index(layer_name: str) -> int:
     return extract_layer_index(layer_name)
 
 
-def tp_kv_head_slice(num_local_kv_heads: int, num_total_kv_heads: int) -> slice:
-    """The KV heads this tensor-parallel rank holds (replicated when TP > heads)."""
-    from vllm.distributed import (
-        get_tensor_model_parallel_rank,
-        get_tensor_model_parallel_world_size,
-    )
+def tensor_parallel_rank() -> int:
+    from vllm.distributed import get_tensor_model_parallel_rank
 
-    rank = get_tensor_model_parallel_rank()
-    world = get_tensor_model_parallel_world_size()
-    if num_total_kv_heads >= world:
-        start = rank * num_local_kv_heads
-    else:
-        start = rank * num_total_kv_heads // world
-    return slice(start, start + num_local_kv_heads)
+    return get_tensor_model_parallel_rank()
+
+
+def tensor_parallel_size(vllm_config: VllmConfig) -> int:
+    return vllm_config.parallel_config.tensor_parallel_size
+
+
+def max_in_flight_tokens(vllm_config: VllmConfig) -> int:
+    """Tokens scheduled but not yet settled: what a recycling manager must hold
+    beyond its window (vLLM's sliding-window admission cap uses the same)."""
+    return vllm_config.max_in_flight_tokens
+
+
+def max_model_len(vllm_config: VllmConfig) -> int:
+    return vllm_config.model_config.max_model_len
 
 
 # -- KV-cache manager internals ----------------------------------------------

@@ -20,7 +20,7 @@ FAMILIES = (  # (snapshot key, Prometheus type, name, help)
 
 class MoaCollector:
     """Prometheus collector (API server process) over the engine stats files;
-    every family is labelled by span class."""
+    every family is labelled by head class."""
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -28,7 +28,7 @@ class MoaCollector:
         kinds = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily}
         stats = read_stats()
         for key, kind, name, help_text in FAMILIES:
-            family = kinds[kind](name, help_text, labels=["span_class"])
-            for span_class, figures in sorted(stats.items()):
-                family.add_metric([span_class], figures.get(key, 0))
+            family = kinds[kind](name, help_text, labels=["head_class"])
+            for head_class, figures in sorted(stats.items()):
+                family.add_metric([head_class], figures.get(key, 0))
             yield family

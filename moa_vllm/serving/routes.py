@@ -64,4 +64,5 @@ class MoaEndpointPlugin:
         served = EnginePlan.from_config(config)
         state.moa_plan = served.plan
         state.moa_plan_report = plan_report(served.plan, served.source, served.how,
-                                            config.cache_config.block_size)
+                                            config.cache_config.block_size,
+                                            classes=served.head_classes)

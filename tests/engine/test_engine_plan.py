@@ -32,7 +32,7 @@ def test_two_engines_in_one_process_serve_their_own_plans(tiny_dir, tmp_path, mo
     its layers serve that plan's spans."""
     from moa_vllm.engine.engine_plan import EnginePlan
     from moa_vllm.engine.metadata import MoaAttentionMetadataBuilder
-    from moa_vllm.engine.vllm_surface import layer_index
+    from moa_vllm.engine.engine_plan import slot_of
 
     monkeypatch.delenv("MOA_PLAN", raising=False)
     built: list[MoaAttentionMetadataBuilder] = []
@@ -56,7 +56,8 @@ def test_two_engines_in_one_process_serve_their_own_plans(tiny_dir, tmp_path, mo
             assert built, "no MoA metadata builder was made"
             for builder in built:
                 for name, spans in builder.layer_spans.items():
-                    expected = plan.layer_spans(layer_index(name))
+                    layer, head = slot_of(name)
+                    expected = plan.layer_spans(layer, slice(head, head + 1))
                     assert spans.alpha.tolist() == expected.alpha.tolist(), name
                     assert spans.beta_q.tolist() == expected.beta_q.tolist(), name
         finally:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from moa_testing import held_blocks, heterogeneous_plan, scheduler, start_llm, stop_llm
 
-from moa_vllm.span_classes import assign_span_classes, cdiv
+from moa_vllm.engine.engine_plan import EnginePlan
+from moa_vllm.span_classes import cdiv
 
 PROMPT_LENGTHS = [300, 520, 700]
 MAX_TOKENS = 48
@@ -46,7 +47,7 @@ def test_blocks_held_at_steady_decode_equal_plan_prediction(engine, plan):
     ids = [f"steady-{i}" for i in range(len(PROMPT_LENGTHS))]
     for rid, prompt in zip(ids, prompts()):
         engine_core.add_request(rid, prompt, params())
-    classes = assign_span_classes(plan)
+    classes = EnginePlan.from_config(engine.llm_engine.vllm_config).head_classes
     checked = 0
     while engine_core.has_unfinished_requests():
         engine_core.step()
@@ -94,3 +95,65 @@ def test_exact_and_leak_free_under_preemption(tiny_dir, plan, tmp_path_factory):
     assert preemptions, "the KV budget was meant to force preemption"
     assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == free_at_start
     stop_llm(small)
+
+
+def logprob_run(llm) -> list:
+    from vllm import SamplingParams
+
+    sampling = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0,
+                              prompt_logprobs=0)
+    outs = llm.generate(prompts(), sampling, use_tqdm=False)
+    return [([lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)],
+             [next(iter(d.values())).logprob for d in o.prompt_logprobs[1:]]) for o in outs]
+
+
+def test_freeing_is_bit_identical_to_keeping_every_block(engine, tiny_dir, plan,
+                                                         tmp_path_factory, monkeypatch):
+    """Nothing stale is read after a freed block is reused: the same run with the
+    debug switch that frees nothing gives the very same log-probabilities."""
+    freed = logprob_run(engine)
+    monkeypatch.setenv("MOA_KEEP_ALL_BLOCKS", "1")
+    keep = start_llm(tiny_dir, plan, tmp_path_factory.mktemp("plans"),
+                     max_num_batched_tokens=256, block_size=BLOCK_SIZE)
+    try:
+        kvm = scheduler(keep).kv_cache_manager
+        assert all(m.keep_all for m in kvm.coordinator.single_type_managers)
+        kept = logprob_run(keep)
+    finally:
+        stop_llm(keep)
+    assert kept == freed
+
+
+def test_admission_charges_what_a_request_will_hold(tiny_dir, plan, tmp_path_factory,
+                                                    monkeypatch):
+    """vLLM's full-prompt admission check (its default) charges a MoA request its
+    peak under the spans, as it charges a sliding-window request its window: under
+    a tight KV budget (152 one-layer pages: 1.2 dense requests) more MoA requests
+    run at once than with a dense prompt's worth charged per head class."""
+    from moa_vllm.engine.kv_cache import MoaSpanManager
+    from moa_vllm.engine.vllm_surface import FullAttentionManager
+
+    page = 2 * 32 * 2 * 4 * BLOCK_SIZE  # K+V x head_dim x kv_heads x fp32 x tokens
+
+    def peak_running(**options) -> int:
+        llm = start_llm(tiny_dir, plan, tmp_path_factory.mktemp("plans"),
+                        max_num_batched_tokens=64, max_num_seqs=10, max_model_len=512,
+                        kv_cache_memory_bytes=152 * page, **options)
+        try:
+            engine_core = llm.llm_engine
+            for i, prompt in enumerate(prompts([480] * 10)):
+                engine_core.add_request(f"admit-{i}", prompt, params(64))
+            peak = 0
+            while engine_core.has_unfinished_requests():
+                engine_core.step()
+                peak = max(peak, len(scheduler(llm).running))
+            return peak
+        finally:
+            stop_llm(llm)
+
+    capped = peak_running(block_size=BLOCK_SIZE)
+    monkeypatch.setattr(MoaSpanManager, "get_num_blocks_to_allocate",
+                        FullAttentionManager.get_num_blocks_to_allocate)
+    uncapped = peak_running(block_size=BLOCK_SIZE)
+    dense = peak_running(backend=None, block_size=32)  # vLLM's CPU attention: 32
+    assert dense <= uncapped < capped, (dense, uncapped, capped)

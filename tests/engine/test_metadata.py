@@ -8,7 +8,7 @@ import torch
 from moa_testing import heterogeneous_plan, start_llm, stop_llm
 
 from moa_vllm.engine.metadata import MoaAttentionMetadataBuilder
-from moa_vllm.engine.vllm_surface import layer_index
+from moa_vllm.engine.engine_plan import slot_of
 
 PROMPT_LENS = [30, 75, 140]
 
@@ -50,13 +50,16 @@ def test_prompt_lengths_are_staged_in_the_builders_own_buffer(builds):
         assert md.prompt_lens.data_ptr() == builder.prompt_lens.data_ptr()
 
 
-def test_spans_are_built_once_per_layer_on_the_device(builds):
+def test_spans_are_built_once_per_slot_on_the_device(builds):
     plan, records = builds
     builders = {id(b): b for b, _, _ in records}.values()  # one per KV-cache group
-    layers = {name: spans for b in builders for name, spans in b.layer_spans.items()}
-    assert sorted(map(layer_index, layers)) == list(range(plan.model.num_layers))
-    for name, spans in layers.items():
-        expected = plan.layer_spans(layer_index(name))
+    slots = {name: spans for b in builders for name, spans in b.layer_spans.items()}
+    every_slot = [(layer, h) for layer in range(plan.model.num_layers)
+                  for h in range(plan.model.num_kv_heads)]
+    assert sorted(map(slot_of, slots)) == every_slot
+    for name, spans in slots.items():
+        layer, head = slot_of(name)
+        expected = plan.layer_spans(layer, slice(head, head + 1))
         assert torch.equal(spans.alpha.cpu(), expected.alpha)
         assert torch.equal(spans.beta_q.cpu(), expected.beta_q)
         assert spans.sink_tokens == expected.sink_tokens

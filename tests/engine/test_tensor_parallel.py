@@ -1,5 +1,5 @@
 """Tensor parallelism: each rank attends with the rules of its own KV heads
-(``vllm_surface.tp_kv_head_slice``). A real TP=2 engine on CPU (two workers, one
+(``span_classes.rank_kv_heads``), in head classes on (layer, local KV slot). A real TP=2 engine on CPU (two workers, one
 core each) must equal TP=1 under a plan whose two KV heads differ, while the plan
 with the heads' rules swapped gives other results (so a wrong slice would show)."""
 

@@ -9,7 +9,7 @@ from moa_vllm.plan import PLAN_VERSION, ModelFingerprint, Plan, Provenance, now_
 from moa_vllm.planner.milp import Assigner, pareto_sweep
 from moa_vllm.planner.rules import Rule, default_rules, dropped_fraction
 from moa_vllm.planner.synthetic import random_problem
-from moa_vllm.span_classes import allocated_density, assign_span_classes, average_density
+from moa_vllm.span_classes import allocated_density, assign_head_classes, average_density
 from moa_vllm.span_mask import LayerSpans
 
 CTX = 2048
@@ -32,7 +32,7 @@ def _check(plan, density, max_rules=2, max_classes=4, block_size=16):
     for row in plan.rules:
         assert len(row) == plan.model.num_kv_heads  # one rule per KV head
         assert len(set(row)) <= max_rules
-    assert len(assign_span_classes(plan, max_classes)) <= max_classes
+    assert len(assign_head_classes(plan, max_classes=max_classes)) <= max_classes
 
 
 def _verifier(layers, heads, rules, density):
