@@ -3,7 +3,10 @@
 Same paged KV cache for every kernel; per (batch, context):
   * ours, 25% and 50% plans (heterogeneous per-KV-head windows + 64 sinks),
   * ours, full-span plan (every window covers the sequence),
-  * vLLM's ``unified_attention`` (dense, its own 2D/3D choice as in its backend).
+  * vLLM's ``unified_attention`` (dense, its own 2D/3D choice as in its backend),
+  * ours, 50% plan in the head-class layout (every KV head its own one-head cache
+    in one allocation, its own shuffled block table of a stacked table): one
+    launch per layer (``heads1``) vs one launch per KV head (``headsN``).
 Reported: median time (triton.testing.do_bench, L2 flushed between reps), ratio to
 dense, achieved bandwidth = KV bytes the plan needs / time, and its share of the
 device's peak. Writes ``benchmarks/results/kernel_decode_<tag>.{md,json}``.
@@ -301,6 +304,8 @@ def run(args) -> dict:
                     run_ours()
                     r["max_abs_diff_vs_dense"] = (out.float() - out_dense.float()).abs().max().item()
                 row[label] = r
+            row.update(head_class_rows(args, batch, ctx, blocks_per_seq, query, out, g,
+                                       span_mask, scale, sink, min_window, row["moa50"]))
             if t_dense:
                 row["dense_bandwidth"] = dense_bytes / t_dense
                 if peak:
@@ -327,6 +332,52 @@ def run(args) -> dict:
     }
 
 
+def head_class_rows(args, batch, ctx, blocks_per_seq, query, out, g, span_mask, scale,
+                    sink, min_window, shared) -> dict:
+    """The 50% plan with every KV head in its own one-head cache and block table (the
+    engine's head-class layout): one launch over all heads vs one launch per head."""
+    from moa_kernels import span_attention_paged
+
+    Hkv, D, bs = args.num_kv_heads, args.head_size, args.block_size
+    device, dtype = query.device, query.dtype
+    num_blocks = batch * blocks_per_seq
+    caches = torch.empty(Hkv, num_blocks, 1, bs, 2 * D, dtype=dtype, device=device).normal_()
+    tables = torch.stack([torch.randperm(num_blocks, generator=g).to(torch.int32)
+                          .view(batch, blocks_per_seq) for _ in range(Hkv)]).to(device)
+    heads = torch.arange(Hkv, dtype=torch.int32, device=device)
+    offsets = heads.to(torch.int64) * caches[0].numel()
+    rules = make_rules(0.5, Hkv)
+    alpha = torch.tensor([a for a, _ in rules], dtype=torch.int32, device=device)
+    beta_q = torch.tensor([span_mask.quantize_beta(b) for _, b in rules], dtype=torch.int32,
+                          device=device)
+    qsl = torch.arange(batch + 1, dtype=torch.int32, device=device)
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+    group = args.num_heads // Hkv
+    common = dict(query_start_loc=qsl, seq_lens=seq_lens, sink_tokens=sink,
+                  min_window=min_window, elastic_position=True, prompt_lens=None,
+                  scale=scale, max_query_len=1, max_seq_len=ctx, num_splits=args.splits,
+                  tile_size=args.tile, num_warps=args.num_warps)
+
+    def one_launch():
+        span_attention_paged(query=query, kv_cache=caches[0], block_table=tables,
+                             alpha=alpha, beta_q=beta_q, output=out, head_tables=heads,
+                             head_offsets=offsets, **common)
+
+    def per_head():
+        for h in range(Hkv):
+            rows = slice(h * group, (h + 1) * group)
+            span_attention_paged(query=query[:, rows], kv_cache=caches[h],
+                                 block_table=tables[h], alpha=alpha[h:h + 1],
+                                 beta_q=beta_q[h:h + 1], output=out[:, rows], **common)
+
+    result = {}
+    for label, fn in [("heads1", one_launch), ("headsN", per_head)]:
+        t = bench(fn, device.type, not args.eager)
+        result[label] = {"time_s": t, "bandwidth": shared["bytes"] / t,
+                         "ratio_to_shared": t / shared["time_s"]}
+    return result
+
+
 def _us(t):
     return f"{t * 1e6:9.1f}" if t else "      n/a"
 
@@ -338,6 +389,7 @@ def format_row(row) -> str:
         ratio = f"{r['ratio_to_dense']:.2f}" if "ratio_to_dense" in r else "n/a"
         pct = f"{r['pct_peak']:.0f}%" if "pct_peak" in r else "n/a"
         parts.append(f"{label} {_us(r['time_s'])} us x{ratio} ({pct})")
+    parts += [f"{label} {_us(row[label]['time_s'])} us" for label in ["heads1", "headsN"]]
     return " | ".join(parts)
 
 
@@ -356,8 +408,10 @@ def markdown(result) -> str:
         "(TB/s), % = of peak. density = needed KV bytes / dense KV bytes.",
         "",
         "| batch | context | dense us | dense BW (%) | 25%: dens, us, ratio, BW (%) | "
-        "50%: dens, us, ratio, BW (%) | full: us, ratio, BW (%) | splits 25/50/full |",
-        "|---|---|---|---|---|---|---|---|",
+        "50%: dens, us, ratio, BW (%) | full: us, ratio, BW (%) | splits 25/50/full | "
+        "50% head classes, one launch: us, vs shared | 50% head classes, launch per head: "
+        "us, vs shared |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def bw(b, p):
@@ -375,6 +429,8 @@ def markdown(result) -> str:
             dens = f"{r['density']:.3f}, " if label != "full" else ""
             cells.append(f"{dens}{r['time_s'] * 1e6:.1f}, {ratio}, {bw(r['bandwidth'], r.get('pct_peak'))}")
         cells.append("/".join(str(row[label]["splits"]) for label in ["moa25", "moa50", "full"]))
+        cells += [f"{row[label]['time_s'] * 1e6:.1f}, {row[label]['ratio_to_shared']:.2f}"
+                  for label in ["heads1", "headsN"]]
         lines.append("| " + " | ".join(cells) + " |")
     diffs = [row["full"].get("max_abs_diff_vs_dense") for row in result["rows"]]
     diffs = [d for d in diffs if d is not None]

@@ -5,12 +5,18 @@ Modules, one concern each:
   attends to whom);
 - ``plan``: plan format v1 (pydantic), loading, fingerprints, baselines;
 - ``plan_discovery``: which plan serves a model;
-- ``span_classes``: layers grouped into KV-cache groups, allocated density;
-- ``oracle``: the torch reference every kernel and backend test compares to;
-- ``backend`` / ``metadata`` / ``impl``: the vLLM attention backend;
-- ``kv_cache``: KV-cache spec + manager that frees blocks outside the spans;
-- ``vllm_surface``: every contact with vLLM internals;
-- ``registration``: the vLLM plugin entry point; ``cli``: the ``moa-vllm`` command.
+- ``span_classes``: head classes, the (layer, KV head) slots of one KV-cache group;
+  average and allocated density;
+- ``plan_report``: the one density report;
+- ``paged_kv``: vLLM's paged KV layout; ``oracle``: the torch reference every
+  kernel and backend test compares to;
+- ``envs``: every ``MOA_*`` environment variable;
+- ``engine/``: the vLLM plugin (registration, the served plan, backend, metadata,
+  impl, KV-cache spec and manager, and ``vllm_surface``: every contact with vLLM
+  internals);
+- ``serving/``: ``moa-vllm serve``, ``/v1/moa/plan``, ``/metrics``;
+- ``evaluation/``: ``moa-vllm eval``; ``planner/``: ``moa-vllm plan search``;
+- ``cli``: the ``moa-vllm`` command; ``demo``: ``make demo``.
 """
 
 __version__ = "0.1.0"

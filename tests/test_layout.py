@@ -69,3 +69,10 @@ def test_the_graph_sees_real_imports():
     edges = graph(top_level_only=True)
     assert "moa_vllm.engine.vllm_surface" in edges["moa_vllm.engine.kv_cache"]
     assert "moa_vllm.plan" in edges["moa_vllm.plan_report"]
+
+
+def test_every_environment_variable_is_in_the_readme():
+    from moa_vllm.envs import VARIABLES
+
+    readme = (ROOT / "README.md").read_text()
+    assert [v.name for v in VARIABLES if f"| `{v.name}` |" not in readme] == []

@@ -88,6 +88,11 @@ class EnginePlan:
         """The KV-cache spec of one slot: one KV head's page, in its head class."""
         return MoaSpanSpec.for_slot(spec, self.class_of(slot_name), in_flight_tokens)
 
+    def layer_spans(self, layer: int, rank: int) -> LayerSpans:
+        """The rules of a layer's local KV heads on this tensor-parallel rank."""
+        heads = rank_kv_heads(self.plan.model.num_kv_heads, self.tp_size, rank)
+        return self.plan.layer_spans(layer, slice(heads.start, heads.stop))
+
     def slot_spans(self, slot_name: str, rank: int) -> LayerSpans:
         """The rule of the KV head a slot holds on this tensor-parallel rank."""
         layer, j = slot_of(slot_name)

@@ -2,10 +2,12 @@
 
 Every local KV head of a layer has its own KV-cache slot (its own cache tensor,
 block table and slot mapping: its head class's group); slot 0 is the layer's
-own, the others are read from the forward context. On CUDA it runs the Triton
-paged-KV kernel (``moa_kernels``) per slot; elsewhere a torch path that gathers
-only the keys inside the slot's span. Neither ever reads a position outside a
-span: freed blocks are reused by other requests.
+own, the others are read from the forward context. On CUDA one launch of the
+Triton paged-KV kernel (``moa_kernels``) covers the layer: each KV head reads its
+own cache (an offset into the one KV allocation) and its own row of the stacked
+block tables. Elsewhere a torch path per slot gathers only the keys inside the
+slot's span. Neither ever reads a position outside a span: freed blocks are
+reused by other requests.
 """
 
 from __future__ import annotations
@@ -97,13 +99,21 @@ class MoaAttentionImpl(AttentionImpl):
         if attn_metadata is None:  # profiling run
             return output
         num_tokens = attn_metadata.num_actual_tokens
+        if self._triton(query):
+            heads = attn_metadata.layer_heads[layer.layer_name]
+            self._forward_triton(query[:num_tokens], kv_cache, attn_metadata, heads,
+                                 output[:num_tokens])
+            return output
         group = self.num_heads // self.num_kv_heads
-        forward = self._forward_triton if query.is_cuda else self._forward_torch
         for j, (name, md, kv) in enumerate(self._slots(layer, attn_metadata, kv_cache)):
             heads = slice(j * group, (j + 1) * group)
-            forward(query[:num_tokens, heads], kv, md, md.layer_spans[name],
-                    output[:num_tokens, heads])
+            self._forward_torch(query[:num_tokens, heads], kv, md, md.layer_spans[name],
+                                output[:num_tokens, heads])
         return output
+
+    @staticmethod
+    def _triton(query: torch.Tensor) -> bool:
+        return query.is_cuda
 
     def _slots(self, layer, attn_metadata, kv_cache):
         """(name, metadata, KV cache) of each local KV head's slot."""
@@ -115,16 +125,19 @@ class MoaAttentionImpl(AttentionImpl):
                 md, kv, _ = slot_attention_context(name)
                 yield name, md, kv
 
-    def _forward_triton(self, query, kv_cache, md, spans, output) -> None:
+    def _forward_triton(self, query, kv_cache, md, heads, output) -> None:
+        """One launch for every KV head of the layer (``heads``: ``LayerHeads``)."""
         from moa_kernels import span_attention_paged
 
+        spans = heads.spans
         span_attention_paged(
-            query=query, kv_cache=kv_cache, block_table=md.block_table,
+            query=query, kv_cache=kv_cache, block_table=md.head_tables,
             query_start_loc=md.query_start_loc, seq_lens=md.seq_lens,
             alpha=spans.alpha, beta_q=spans.beta_q, sink_tokens=spans.sink_tokens,
             min_window=spans.min_window, elastic_position=spans.elastic == "position",
             prompt_lens=md.prompt_lens, scale=self.scale, output=output,
             max_query_len=md.max_query_len, max_seq_len=md.max_seq_len,
+            head_tables=heads.tables, head_offsets=heads.offsets,
             num_splits=md.num_splits,
         )
 

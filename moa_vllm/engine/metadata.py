@@ -1,29 +1,73 @@
 """Per-step attention metadata of the MoA backend and its builder.
 
 The builder owns every device tensor the kernels read that is not one of the
-runner's own persistent buffers (the layers' spans, the prompt lengths), so a
-decode step captured in a CUDA graph replays on the values of the current step.
+runner's own persistent buffers (the slots' spans, the prompt lengths, the
+stacked block tables of all head classes), so a decode step captured in a CUDA
+graph replays on the values of the current step.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from moa_vllm.engine.engine_plan import EnginePlan
+from moa_vllm.engine.engine_plan import EnginePlan, slot_layer_name, slot_of
 from moa_vllm.engine.vllm_surface import (
     AttentionCGSupport,
     AttentionMetadataBuilder,
     CommonAttentionMetadata,
+    bound_kv_cache,
     full_decode_graphs,
     max_num_seqs,
     prompt_lengths,
     tensor_parallel_rank,
 )
 from moa_vllm.span_mask import LayerSpans
+
+
+@dataclass(frozen=True)
+class LayerHeads:
+    """What one kernel launch over all local KV heads of a layer reads."""
+
+    spans: LayerSpans  # the layer's rules, one per local KV head
+    tables: torch.Tensor  # [heads] int32: each head's row of the stacked block tables
+    offsets: torch.Tensor  # [heads] int64: each head's cache, in elements from head 0's
+
+
+class StackedTables:
+    """The block tables of every head class in one ``[classes, max_num_seqs,
+    blocks]`` buffer, which each class's builder fills in place every step, so
+    one launch per layer reads every KV head's own table (CUDA-graph safe)."""
+
+    _of_engine: ClassVar[dict[int, tuple[weakref.ref, StackedTables]]] = {}
+
+    def __init__(self, num_classes: int, max_seqs: int, device) -> None:
+        self.shape = (num_classes, max_seqs)
+        self.device = device
+        self.tables: torch.Tensor | None = None  # sized by the runner's table width
+
+    @classmethod
+    def of_engine(cls, vllm_config, num_classes: int, device) -> StackedTables:
+        """The engine's one instance (its builders share its config object)."""
+        engines = cls._of_engine
+        for key in [k for k, (ref, _) in engines.items() if ref() is None]:
+            del engines[key]  # engines that are gone
+        ref, tables = engines.get(id(vllm_config), (None, None))
+        if ref is None or ref() is not vllm_config:
+            tables = cls(num_classes, max_num_seqs(vllm_config), device)
+            engines[id(vllm_config)] = (weakref.ref(vllm_config), tables)
+        return tables
+
+    def stage(self, head_class: int, block_table: torch.Tensor, num_reqs: int) -> torch.Tensor:
+        if self.tables is None:
+            self.tables = torch.zeros((*self.shape, block_table.shape[1]), dtype=torch.int32,
+                                      device=self.device)
+        self.tables[head_class, :num_reqs].copy_(block_table[:num_reqs], non_blocking=True)
+        return self.tables
 
 
 @dataclass
@@ -43,6 +87,8 @@ class MoaAttentionMetadata:
     num_reqs: int
     layer_spans: Mapping[str, LayerSpans]  # per KV slot of the group: its one head's rule
     num_splits: int | None  # split-KV segments fixed by the builder; None: kernel's choice
+    head_tables: torch.Tensor  # [classes, max_num_seqs, blocks] every class's block table
+    layer_heads: Mapping[str, LayerHeads]  # per layer whose KV head 0 is in this group
 
 
 class MoaAttentionMetadataBuilder(AttentionMetadataBuilder[MoaAttentionMetadata]):
@@ -69,13 +115,39 @@ class MoaAttentionMetadataBuilder(AttentionMetadataBuilder[MoaAttentionMetadata]
                 f"vLLM formed a KV-cache group of {len(layer_names)} slots of head classes "
                 f"{sorted(set(got))}; MoA needs each group to be exactly one head class "
                 f"({len(head_class.slots)} slots): vLLM's grouping changed")
+        self.served = served
+        self.head_class = head_class.index
         self.num_kv_heads = served.num_local_kv_heads  # the real layers', not the slots'
         rank = tensor_parallel_rank()
         self.layer_spans = {
             name: served.slot_spans(name, rank).to(device) for name in layer_names
         }
+        self.layer_rules = {  # layers whose own slot (KV head 0) is in this group
+            name: served.layer_spans(slot_of(name)[0], rank).to(device)
+            for name in layer_names if slot_of(name)[1] == 0
+        }
+        self.layer_heads: dict[str, LayerHeads] = {}  # once the caches are bound
+        self.stacked = StackedTables.of_engine(vllm_config, len(served.head_classes), device)
         self.prompt_lens = torch.zeros(max_num_seqs(vllm_config), dtype=torch.int32,
                                        device=device)
+
+    def _layer_heads(self) -> dict[str, LayerHeads]:
+        """Each layer's KV heads: rows of the stacked tables and cache offsets (read
+        at the first build, once vLLM has bound the caches; they never move)."""
+        if not self.layer_heads:
+            for name, spans in self.layer_rules.items():
+                layer, _ = slot_of(name)
+                caches = [bound_kv_cache(self.vllm_config, slot_layer_name(name, j))
+                          for j in range(self.num_kv_heads)]
+                if any(c.stride() != caches[0].stride() for c in caches):
+                    raise RuntimeError(f"{name}: the KV slots of one layer differ in layout")
+                offsets = [(c.data_ptr() - caches[0].data_ptr()) // c.element_size()
+                           for c in caches]
+                tables = [self.served.assignment[layer][j] for j in range(self.num_kv_heads)]
+                self.layer_heads[name] = LayerHeads(
+                    spans, torch.tensor(tables, dtype=torch.int32, device=self.device),
+                    torch.tensor(offsets, dtype=torch.int64, device=self.device))
+        return self.layer_heads
 
     def build(
         self,
@@ -102,6 +174,8 @@ class MoaAttentionMetadataBuilder(AttentionMetadataBuilder[MoaAttentionMetadata]
             num_reqs=num_reqs,
             layer_spans=self.layer_spans,
             num_splits=self._decode_splits(num_reqs, cm.max_query_len),
+            head_tables=self.stacked.stage(self.head_class, cm.block_table_tensor, num_reqs),
+            layer_heads=self._layer_heads(),
         )
 
     def _decode_splits(self, num_reqs: int, max_query_len: int) -> int | None:

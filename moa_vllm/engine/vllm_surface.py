@@ -188,6 +188,11 @@ def install_kv_slot_hooks(
     Attention._moa_hooked = True
 
 
+def bound_kv_cache(vllm_config: VllmConfig, name: str) -> torch.Tensor:
+    """The KV-cache tensor vLLM bound to a (slot) layer of this engine."""
+    return vllm_config.compilation_config.static_forward_context[name].kv_cache
+
+
 def slot_attention_context(slot_name: str):
     """(attention metadata, KV cache, slot mapping) of one KV slot in this forward."""
     from vllm.model_executor.layers.attention.attention import get_attention_context

@@ -7,9 +7,13 @@ Binary ``x[l, h, r]``: KV head ``h`` of layer ``l`` uses rule ``r``. Common cons
 * average density at every length ``p`` of interest (the exact per-head terms of
   ``span_classes.average_density``): ``sum x * dens[r,p] <= d * layers * heads``.
 
-Allocated density (``span_classes.allocated_density``: layers sorted by their
+Allocated density is modelled with *layer* classes (layers sorted by their
 widest window at ``max_position_embeddings``, cut into ``k`` equal classes, each
-class holding the blocks of its widest window) is handled in two steps:
+class holding the blocks of its widest window). The runtime's head classes
+(``span_classes.head_class_assignment``) never hold more than those layer
+classes when the head-class count is a multiple of ``k``, so the model is
+conservative; every solution is still checked with the runtime's own
+``span_classes.allocated_density`` (``verify``). It is handled in two steps:
 
 1. ``LayerMILP`` (relaxation): each layer its own class,
    ``H[l,p] >= sum_r held[r,p] x[l,h,r]`` for every head and
@@ -407,7 +411,7 @@ def contiguous_partition(num_layers: int, k: int) -> list[int]:
 
 
 def runtime_partition(choice: np.ndarray, keys: np.ndarray, k: int) -> list[int]:
-    """The classes ``assign_span_classes`` forms for a rule choice ``[layers, heads]``."""
+    """The layer classes (sorted by widest window) of a rule choice ``[layers, heads]``."""
     nl = choice.shape[0]
     widest = keys[choice].max(1)
     order = sorted(range(nl), key=lambda l: (widest[l], l))

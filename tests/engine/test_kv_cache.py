@@ -107,21 +107,22 @@ def logprob_run(llm) -> list:
              [next(iter(d.values())).logprob for d in o.prompt_logprobs[1:]]) for o in outs]
 
 
-def test_freeing_is_bit_identical_to_keeping_every_block(engine, tiny_dir, plan,
-                                                         tmp_path_factory, monkeypatch):
+def test_freeing_is_bit_identical_to_keeping_every_block(tiny_dir, plan, tmp_path_factory,
+                                                         monkeypatch):
     """Nothing stale is read after a freed block is reused: the same run with the
     debug switch that frees nothing gives the very same log-probabilities."""
-    freed = logprob_run(engine)
-    monkeypatch.setenv("MOA_KEEP_ALL_BLOCKS", "1")
-    keep = start_llm(tiny_dir, plan, tmp_path_factory.mktemp("plans"),
-                     max_num_batched_tokens=256, block_size=BLOCK_SIZE)
-    try:
-        kvm = scheduler(keep).kv_cache_manager
-        assert all(m.keep_all for m in kvm.coordinator.single_type_managers)
-        kept = logprob_run(keep)
-    finally:
-        stop_llm(keep)
-    assert kept == freed
+    runs = {}
+    for keep_all in ("0", "1"):
+        monkeypatch.setenv("MOA_KEEP_ALL_BLOCKS", keep_all)
+        llm = start_llm(tiny_dir, plan, tmp_path_factory.mktemp("plans"),
+                        max_num_batched_tokens=256, block_size=BLOCK_SIZE)
+        try:
+            managers = scheduler(llm).kv_cache_manager.coordinator.single_type_managers
+            assert all(m.keep_all == (keep_all == "1") for m in managers)
+            runs[keep_all] = logprob_run(llm)
+        finally:
+            stop_llm(llm)
+    assert runs["1"] == runs["0"]
 
 
 def test_admission_charges_what_a_request_will_hold(tiny_dir, plan, tmp_path_factory,

@@ -33,5 +33,7 @@ def test_benchmark_smoke(tmp_path):
             assert row[label]["time_s"] > 0
         assert 0 < row["moa25"]["density"] < row["moa50"]["density"] < 1
         assert row["full"]["density"] == 1.0
+        for label in ["heads1", "headsN"]:  # the head-class layout, both launch shapes
+            assert row[label]["time_s"] > 0
         if row["dense_s"] is not None:  # vLLM's source was found: same function
             assert row["full"]["max_abs_diff_vs_dense"] < 1e-2

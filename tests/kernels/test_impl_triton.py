@@ -1,8 +1,10 @@
 """The backend's Triton path inside a real vLLM engine. On CPU the engine would
 take the torch path; here ``MoaAttentionImpl`` is pointed at its Triton path
-(the interpreter runs the kernel on CPU tensors), so what CUDA runs — metadata
-fields, prompt lengths, the builder's split count, output rows — is checked
-end to end against the torch path's engine under chunked prefill."""
+(the interpreter runs the kernel on CPU tensors), so what CUDA runs — one launch
+per layer over the head classes' caches (offsets into vLLM's one KV allocation)
+and the builders' stacked block tables, metadata fields, prompt lengths, the
+builder's split count, output rows — is checked end to end against the torch
+path's engine under chunked prefill."""
 
 from __future__ import annotations
 
@@ -27,12 +29,13 @@ def generate(tiny_dir, plan, tmp, triton: bool) -> tuple[list, list[int]]:
     kernel = moa_kernels.span_attention_paged
 
     def recording_kernel(*args, **kwargs):
+        assert kwargs["head_offsets"].shape == (2,)  # one launch for the layer's 2 KV heads
         splits.append(kwargs.get("num_splits"))
         return kernel(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
         if triton:
-            mp.setattr(MoaAttentionImpl, "_forward_torch", MoaAttentionImpl._forward_triton)
+            mp.setattr(MoaAttentionImpl, "_triton", staticmethod(lambda query: True))
             mp.setattr(moa_kernels, "span_attention_paged", recording_kernel)
             # decode splits as under full CUDA graphs: fixed by the batch size
             mp.setattr(metadata, "full_decode_graphs", lambda config: True)

@@ -71,6 +71,8 @@ def _span_attention_kernel(
     prompt_lens_ptr,
     alpha_ptr,
     beta_q_ptr,
+    head_table_ptr,  # [num_kv_heads] int32: row of the stacked block tables (PER_HEAD)
+    head_offset_ptr,  # [num_kv_heads] int64: element offset of each head's cache (PER_HEAD)
     sink_tokens,
     min_window,
     qk_scale,  # softmax scale * log2(e)
@@ -81,6 +83,7 @@ def _span_attention_kernel(
     stride_o0,
     stride_o1,
     stride_o2,
+    stride_btg,
     stride_bt0,
     stride_kv0,
     stride_kv1,
@@ -100,6 +103,7 @@ def _span_attention_kernel(
     UPCAST: tl.constexpr,  # interpreter: do the dots in fp32 (bf16 dot is broken there)
     DOT_IEEE: tl.constexpr,  # fp32 inputs: exact fp32 dots instead of tf32
     BETA_DEN: tl.constexpr,
+    PER_HEAD: tl.constexpr,  # head classes: each KV head its own cache and block table
 ):
     q_block_global = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -169,8 +173,13 @@ def _span_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_SIZE_PADDED], dtype=tl.float32)
 
-    bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt0
-    kv_head_off = kv_head.to(tl.int64) * stride_kv1
+    if PER_HEAD:
+        bt_row = (block_table_ptr + tl.load(head_table_ptr + kv_head).to(tl.int64) * stride_btg
+                  + seq.to(tl.int64) * stride_bt0)
+        kv_head_off = tl.load(head_offset_ptr + kv_head)
+    else:
+        bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt0
+        kv_head_off = kv_head.to(tl.int64) * stride_kv1
     for it in range(it_lo, it_hi):
         tile = tl.where(it < n_sink_tiles, it, it - n_sink_tiles + win_tile_lo)
         k_pos = tile * TILE + offs_t
@@ -340,6 +349,8 @@ def span_attention_paged(
     max_query_len: int,
     max_seq_len: int,
     *,
+    head_tables: torch.Tensor | None = None,
+    head_offsets: torch.Tensor | None = None,
     num_splits: int | None = None,
     tile_size: int | None = None,
     block_m: int | None = None,
@@ -349,7 +360,14 @@ def span_attention_paged(
     """MoA attention over vLLM's paged KV cache, written into ``output``.
 
     ``kv_cache`` is the logical ``[num_blocks, num_kv_heads, block_size, 2 * D]``
-    view (K then V in the last dim), any strides. ``num_splits`` forces the path:
+    view (K then V in the last dim), any strides.
+
+    Head classes (``head_offsets`` given): every KV head has its own one-head
+    cache in the same allocation as ``kv_cache`` (head 0's), at element offset
+    ``head_offsets[h]`` from ``kv_cache``'s first element, and its own block table
+    ``block_table[head_tables[h]]`` of a stacked ``[groups, seqs, blocks]`` table.
+
+    ``num_splits`` forces the path:
     1 = one program per (q-block, KV head), >1 = split-KV with that many segments
     (decode and prefill alike); ``None`` picks by a heuristic (split only for
     decode batches with few programs). The other keyword arguments override the
@@ -357,6 +375,10 @@ def span_attention_paged(
     """
     num_tokens, num_heads, head_size = query.shape
     num_blocks, num_kv_heads, block_size, two_d = kv_cache.shape
+    per_head = head_offsets is not None
+    if per_head:
+        assert num_kv_heads == 1 and block_table.dim() == 3 and head_tables is not None
+        num_kv_heads = head_offsets.shape[0]
     assert two_d == 2 * head_size, "kv_cache last dim must be 2 * head_size"
     assert num_heads % num_kv_heads == 0
     assert output.shape == query.shape
@@ -405,10 +427,11 @@ def span_attention_paged(
         query, kv_cache, block_table, query_start_loc, seq_lens,
         prompt_lens if prompt_lens is not None else seq_lens,
         alpha, beta_q,
+        head_tables if per_head else alpha, head_offsets if per_head else alpha,
         int(sink_tokens), int(min_window), float(scale) * LOG2E, num_seqs,
         query.stride(0), query.stride(1), query.stride(2),
         output.stride(0), output.stride(1), output.stride(2),
-        block_table.stride(0),
+        block_table.stride(0) if per_head else 0, block_table.stride(-2),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         NUM_HEADS=num_heads,
         GROUP=group,
@@ -424,6 +447,7 @@ def span_attention_paged(
         UPCAST=interp,
         DOT_IEEE=query.dtype == torch.float32 and not interp,
         BETA_DEN=BETA_SCALE,
+        PER_HEAD=per_head,
         **launch,
     )
     if is_split:
