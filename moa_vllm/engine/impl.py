@@ -5,9 +5,9 @@ block table and slot mapping: its head class's group); slot 0 is the layer's
 own, the others are read from the forward context. On CUDA one launch of the
 Triton paged-KV kernel (``moa_kernels``) covers the layer: each KV head reads its
 own cache (an offset into the one KV allocation) and its own row of the stacked
-block tables. Elsewhere a torch path per slot gathers only the keys inside the
-slot's span. Neither ever reads a position outside a span: freed blocks are
-reused by other requests.
+block tables. Elsewhere a torch path gathers, per KV head from its own cache,
+only keys inside that head's span, and attends for all heads at once. Neither
+ever reads a position outside a span: freed blocks are reused by other requests.
 """
 
 from __future__ import annotations
@@ -104,11 +104,11 @@ class MoaAttentionImpl(AttentionImpl):
             self._forward_triton(query[:num_tokens], kv_cache, attn_metadata, heads,
                                  output[:num_tokens])
             return output
-        group = self.num_heads // self.num_kv_heads
-        for j, (name, md, kv) in enumerate(self._slots(layer, attn_metadata, kv_cache)):
-            heads = slice(j * group, (j + 1) * group)
-            self._forward_torch(query[:num_tokens, heads], kv, md, md.layer_spans[name],
-                                output[:num_tokens, heads])
+        slots = list(self._slots(layer, attn_metadata, kv_cache))
+        self._forward_torch(query[:num_tokens], [kv for _, kv in slots],
+                            [md.block_table for md, _ in slots], attn_metadata,
+                            attn_metadata.layer_heads[layer.layer_name].spans,
+                            output[:num_tokens])
         return output
 
     @staticmethod
@@ -116,14 +116,11 @@ class MoaAttentionImpl(AttentionImpl):
         return query.is_cuda
 
     def _slots(self, layer, attn_metadata, kv_cache):
-        """(name, metadata, KV cache) of each local KV head's slot."""
-        for j in range(self.num_kv_heads):
-            name = slot_layer_name(layer.layer_name, j)
-            if j == 0:
-                yield name, attn_metadata, kv_cache
-            else:
-                md, kv, _ = slot_attention_context(name)
-                yield name, md, kv
+        """(metadata, KV cache) of each local KV head's slot."""
+        yield attn_metadata, kv_cache
+        for j in range(1, self.num_kv_heads):
+            md, kv, _ = slot_attention_context(slot_layer_name(layer.layer_name, j))
+            yield md, kv
 
     def _forward_triton(self, query, kv_cache, md, heads, output) -> None:
         """One launch for every KV head of the layer (``heads``: ``LayerHeads``)."""
@@ -141,9 +138,13 @@ class MoaAttentionImpl(AttentionImpl):
             num_splits=md.num_splits,
         )
 
-    def _forward_torch(self, query, kv_cache, md, spans, output) -> None:
-        """Per request and per tile of queries: gather only the keys inside the
-        spans of that tile (sinks + the widest head's window), then attend."""
+    def _forward_torch(self, query, caches, tables, md, spans, output) -> None:
+        """Per request and per tile of queries: the keys inside the spans of that tile
+        (sinks + the widest head's window), each KV head's from its own cache and
+        block table (``caches[h]`` ``[blocks, 1, block, 2D]``, ``tables[h]``). A key
+        outside a head's own span is read at the tile's last key instead (every
+        query reads itself, and that block is never freed) and masked: no head reads
+        a block its class may have freed."""
         starts = md.query_start_loc_cpu.tolist()
         seq_lens = md.seq_lens.tolist()
         prompt_lens = None if md.prompt_lens is None else md.prompt_lens.tolist()
@@ -156,9 +157,14 @@ class MoaAttentionImpl(AttentionImpl):
                 q_pos = torch.arange(first + lo, first + hi)
                 n = elastic_lengths(spans, q_pos, prompt_len)
                 k_pos = spans.key_positions(first + lo, int(n[0]), first + hi)
-                k, v = gather_kv(kv_cache, md.block_table[i], k_pos)
+                allowed = spans.mask(q_pos, k_pos, n)  # [Hkv, Tq, Tk]
+                own = torch.where(allowed.any(dim=1), k_pos, k_pos[-1])  # [Hkv, Tk]
+                kv = [gather_kv(cache, table[i], pos)
+                      for cache, table, pos in zip(caches, tables, own)]
+                k = torch.cat([k for k, _ in kv], dim=1)
+                v = torch.cat([v for _, v in kv], dim=1)
                 rows = slice(starts[i] + lo, starts[i] + hi)
-                out = _span_sdpa(query[rows], k, v, spans.mask(q_pos, k_pos, n), self.scale)
+                out = _span_sdpa(query[rows], k, v, allowed, self.scale)
                 output[rows] = out.to(output.dtype)
 
     def do_kv_cache_update(

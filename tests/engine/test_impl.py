@@ -40,10 +40,20 @@ def batch(seed=0):
 
 
 def run_torch_path(q, kv, table, qsl, seq_lens, prompt_lens, layer_spans):
+    """The torch path over head-class caches: each KV head a one-head view of ``kv``
+    and its own shuffled copy of the block table (the cache permuted to match)."""
     md = types.SimpleNamespace(query_start_loc_cpu=qsl, seq_lens=seq_lens, num_reqs=4,
-                               prompt_lens=prompt_lens, block_table=table)
+                               prompt_lens=prompt_lens)
+    g = torch.Generator().manual_seed(7)
+    caches, tables = [], []
+    for h in range(kv.shape[1]):
+        perm = torch.randperm(kv.shape[0], generator=g)
+        cache = torch.empty_like(kv[:, h:h + 1])
+        cache[perm] = kv[:, h:h + 1]
+        caches.append(cache)
+        tables.append(perm[table.long()].int())
     out = torch.zeros_like(q)
-    MoaAttentionImpl._forward_torch(types.SimpleNamespace(scale=0.2), q, kv, md,
+    MoaAttentionImpl._forward_torch(types.SimpleNamespace(scale=0.2), q, caches, tables, md,
                                     layer_spans, out)
     return out
 
@@ -69,9 +79,11 @@ def test_torch_path_never_reads_outside_the_spans(elastic):
     for i, seq_len in enumerate(seq_lens.tolist()):
         q_pos = torch.arange(seq_len - (starts[i + 1] - starts[i]), seq_len)
         n = q_pos + 1 if elastic == "position" else torch.full_like(q_pos, int(pl[i]))
-        needed = s.mask(q_pos, torch.arange(seq_len), n).any(dim=(0, 1)).nonzero().flatten()
-        blocks, offsets = table[i][needed // BS].long(), needed % BS
-        poisoned[blocks, :, offsets] = kv[blocks, :, offsets]
+        needed = s.mask(q_pos, torch.arange(seq_len), n).any(dim=1)  # per KV head
+        for h in range(kv.shape[1]):
+            pos = needed[h].nonzero().flatten()
+            blocks, offsets = table[i][pos // BS].long(), pos % BS
+            poisoned[blocks, h, offsets] = kv[blocks, h, offsets]
     out = run_torch_path(q, poisoned, table, qsl, seq_lens, pl, s)
     assert not out.isnan().any()
     assert torch.allclose(out, ref, atol=1e-5)
