@@ -48,10 +48,6 @@ class HeadClass:
     min_window: int
     elastic: ElasticMode
 
-    @property
-    def layers(self) -> tuple[int, ...]:
-        return tuple(sorted({layer for layer, _ in self.slots}))
-
     def window(self, n: int) -> int:
         """The widest window of the class at elastic length ``n``."""
         return max(window_size(a, b, n, self.min_window) for a, b in self.rules)

@@ -93,12 +93,6 @@ class EnginePlan:
         heads = rank_kv_heads(self.plan.model.num_kv_heads, self.tp_size, rank)
         return self.plan.layer_spans(layer, slice(heads.start, heads.stop))
 
-    def slot_spans(self, slot_name: str, rank: int) -> LayerSpans:
-        """The rule of the KV head a slot holds on this tensor-parallel rank."""
-        layer, j = slot_of(slot_name)
-        head = rank_kv_heads(self.plan.model.num_kv_heads, self.tp_size, rank)[j]
-        return self.plan.layer_spans(layer, slice(head, head + 1))
-
     def to_config(self) -> dict:
         """The ``additional_config["moa"]`` entry that carries this record."""
         return {"plan": self.source,

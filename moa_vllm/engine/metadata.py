@@ -85,7 +85,6 @@ class MoaAttentionMetadata:
     prompt_lens: torch.Tensor | None  # [B] int32, elastic="prompt" only
     query_start_loc_cpu: torch.Tensor
     num_reqs: int
-    layer_spans: Mapping[str, LayerSpans]  # per KV slot of the group: its one head's rule
     num_splits: int | None  # split-KV segments fixed by the builder; None: kernel's choice
     head_tables: torch.Tensor  # [classes, max_num_seqs, blocks] every class's block table
     layer_heads: Mapping[str, LayerHeads]  # per layer whose KV head 0 is in this group
@@ -119,9 +118,6 @@ class MoaAttentionMetadataBuilder(AttentionMetadataBuilder[MoaAttentionMetadata]
         self.head_class = head_class.index
         self.num_kv_heads = served.num_local_kv_heads  # the real layers', not the slots'
         rank = tensor_parallel_rank()
-        self.layer_spans = {
-            name: served.slot_spans(name, rank).to(device) for name in layer_names
-        }
         self.layer_rules = {  # layers whose own slot (KV head 0) is in this group
             name: served.layer_spans(slot_of(name)[0], rank).to(device)
             for name in layer_names if slot_of(name)[1] == 0
@@ -172,7 +168,6 @@ class MoaAttentionMetadataBuilder(AttentionMetadataBuilder[MoaAttentionMetadata]
             prompt_lens=prompt_lens,
             query_start_loc_cpu=cm.query_start_loc_cpu[: num_reqs + 1],
             num_reqs=num_reqs,
-            layer_spans=self.layer_spans,
             num_splits=self._decode_splits(num_reqs, cm.max_query_len),
             head_tables=self.stacked.stage(self.head_class, cm.block_table_tensor, num_reqs),
             layer_heads=self._layer_heads(),

@@ -50,21 +50,20 @@ def test_prompt_lengths_are_staged_in_the_builders_own_buffer(builds):
         assert md.prompt_lens.data_ptr() == builder.prompt_lens.data_ptr()
 
 
-def test_spans_are_built_once_per_slot_on_the_device(builds):
+def test_spans_are_built_once_per_layer_on_the_device(builds):
     plan, records = builds
     builders = {id(b): b for b, _, _ in records}.values()  # one per KV-cache group
-    slots = {name: spans for b in builders for name, spans in b.layer_spans.items()}
-    every_slot = [(layer, h) for layer in range(plan.model.num_layers)
-                  for h in range(plan.model.num_kv_heads)]
-    assert sorted(map(slot_of, slots)) == every_slot
-    for name, spans in slots.items():
-        layer, head = slot_of(name)
-        expected = plan.layer_spans(layer, slice(head, head + 1))
+    layers = {name: spans for b in builders for name, spans in b.layer_rules.items()}
+    assert sorted(slot_of(name) for name in layers) == [
+        (layer, 0) for layer in range(plan.model.num_layers)]  # each layer once, by its slot 0
+    for name, spans in layers.items():
+        expected = plan.layer_spans(slot_of(name)[0])
         assert torch.equal(spans.alpha.cpu(), expected.alpha)
         assert torch.equal(spans.beta_q.cpu(), expected.beta_q)
         assert spans.sink_tokens == expected.sink_tokens
     for b, md, _ in records:
-        assert md.layer_spans is b.layer_spans  # the same tensors every step
+        for name, heads in md.layer_heads.items():  # the same tensors every step
+            assert heads is b.layer_heads[name] and heads.spans is b.layer_rules[name]
 
 
 def test_decode_splits_follow_the_batch_not_the_length_under_full_graphs(builds):
