@@ -29,12 +29,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def run_backend(model: str, plan: str | None, length: int, requests: int, out_tokens: int,
-                kv_bytes: int, dtype: str, max_num_seqs: int, seed: int = 0) -> dict:
+                kv_bytes: int, dtype: str, max_num_seqs: int, max_num_batched_tokens: int,
+                seed: int = 0) -> dict:
     from vllm import LLM, SamplingParams
 
     options = dict(model=model, dtype=dtype, enforce_eager=True, seed=0,
                    max_model_len=length + out_tokens + 16, max_num_seqs=max_num_seqs,
-                   kv_cache_memory_bytes=kv_bytes, max_num_batched_tokens=2048)
+                   kv_cache_memory_bytes=kv_bytes,
+                   max_num_batched_tokens=max_num_batched_tokens)
     if plan:
         llm = LLM(attention_backend="moa", block_size=16,
                   additional_config={"moa": {"plan": str(Path(plan).resolve())}}, **options)
@@ -76,15 +78,6 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def dense_kv_bytes(model: str, tokens: int, dtype: str) -> int:
-    from transformers import AutoConfig
-
-    c = AutoConfig.from_pretrained(model)
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    size = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * size * tokens
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,11 +89,15 @@ def main() -> int:
     ap.add_argument("--max-num-seqs", type=int, default=8)
     ap.add_argument("--dense-requests-fit", type=float, default=2.0,
                     help="KV budget: this many dense requests of the longest kind")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                    help="the prefill chunk; MoA's admission cap holds two chunks in flight, "
+                         "so a small chunk against the prompt admits more MoA requests")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default="benchmarks/results/decode_throughput")
     ap.add_argument("--append", action="store_true",
                     help="keep the rows of other lengths already in --out")
     args = ap.parse_args()
+    from moa_vllm.evaluation.runner import kv_bytes_per_token
     from moa_vllm.plan import load_plan
     from moa_vllm.span_classes import allocated_density
 
@@ -115,14 +112,15 @@ def main() -> int:
     for asked in [int(x) for x in args.lengths.split(",")]:
         length = min(asked, max_len - args.out_tokens - 16)  # prompt + output must fit
         rows = [r for r in rows if r["length"] != length]
-        need = dense_kv_bytes(args.model, length + args.out_tokens, args.dtype)
+        need = kv_bytes_per_token(args.model, args.dtype) * (length + args.out_tokens)
         kv_bytes = int(args.dense_requests_fit * need)
         row = {"length": length, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
                "kv_budget_bytes": kv_bytes, "dense_kv_bytes_per_request": need,
                "predicted_allocated_density": allocated_density(plan, length + args.out_tokens, 16)}
         for name, p in [("dense", None), ("moa", args.plan)]:
             row[name] = run_backend(args.model, p, length, args.requests, args.out_tokens,
-                                    kv_bytes, args.dtype, args.max_num_seqs)
+                                    kv_bytes, args.dtype, args.max_num_seqs,
+                                    args.max_num_batched_tokens)
             row[name]["kv_fraction_of_dense"] = row[name]["kv_bytes_per_request"] / need
             print(json.dumps({name: row[name], "length": length}), flush=True)
         row["throughput_ratio"] = (row["moa"]["output_tokens_per_s"]

@@ -71,12 +71,12 @@ def _shipped_candidates(model: ModelFingerprint) -> list[tuple[Path, Plan]]:
 def _preference(candidate: tuple[Path, Plan]) -> tuple:
     """Of several matching shipped plans: searched before uniform, then the highest
     density budget (the safest for accuracy), then the lowest validation loss of
-    the search, then the name."""
+    the search relative to dense (mean over its validation lengths), then the name."""
 
     path, plan = candidate
     details = plan.provenance.details
     budget = details.get("density") or average_density(plan, plan.model.max_position_embeddings)
-    loss = (details.get("validation") or {}).get("chosen_loss")
+    loss = (details.get("validation") or {}).get("relative_loss")
     return (plan.provenance.method != "moa-search", -round(float(budget), 4),
             float("inf") if loss is None else float(loss), path.name)
 

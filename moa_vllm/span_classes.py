@@ -235,6 +235,34 @@ def head_class_assignment(plan: Plan, tp_size: int = 1,
     return assignment
 
 
+def single_rule_classes(rules: list[list[tuple[int, float]]], num_classes: int,
+                        max_position: int, min_window: int) -> list[list[int]]:
+    """The assignment of a plan whose classes hold one rule each (what the search
+    makes): the slots of each rule cut into classes of ``slots / num_classes``,
+    numbered by window at ``max_position``. Each rule's slot count must be a
+    multiple of the class size."""
+    slots = [(layer, h) for layer, row in enumerate(rules) for h in range(len(row))]
+    size, rest = divmod(len(slots), num_classes)
+    by_rule: dict[Rule, list[Slot]] = {}
+    for layer, h in slots:
+        alpha, beta = rules[layer][h]
+        by_rule.setdefault((alpha, quantize_beta(beta)), []).append((layer, h))
+    bad = {r: len(m) for r, m in by_rule.items() if len(m) % max(1, size)}
+    if rest or bad:
+        raise ValueError(f"{num_classes} single-rule classes need each rule on a multiple of "
+                         f"{size} slots of {len(slots)}; got rule counts {bad}")
+    assignment = [[0] * len(row) for row in rules]
+    order = sorted(by_rule, key=lambda r: (window_size(*r, max_position, min_window), r))
+    c = 0
+    for rule in order:
+        members = by_rule[rule]
+        for start in range(0, len(members), size):
+            for layer, h in members[start:start + size]:
+                assignment[layer][h] = c
+            c += 1
+    return assignment
+
+
 def head_classes(plan: Plan, assignment: list[list[int]], tp_size: int = 1
                  ) -> tuple[HeadClass, ...]:
     """The classes of an assignment (``head_class_assignment``)."""

@@ -33,6 +33,12 @@ Contracts we rely on (vLLM file, relative to the ``vllm`` package):
   ``remove_skipped_blocks`` and ``get_num_blocks_to_allocate`` (its
   ``apply_admission_cap`` / ``max_admission_blocks_per_request`` gate) are
   overridden in ``engine/kv_cache.py``.
+- ``v1/core/sched/scheduler.py``, ``v1/core/kv_cache_manager.py``: the
+  scheduler's ``kv_cache_config.kv_cache_groups`` (``layer_names``,
+  ``kv_cache_spec.page_size_bytes``) in the order of
+  ``kv_cache_manager.coordinator.single_type_managers`` (bytes a request holds);
+  ``scheduler.requests`` keyed ``<added id>-<8 random chars>``
+  (``v1/engine/input_processor.py``).
 - ``v1/kv_cache_interface.py``: ``FullAttentionSpec.max_memory_usage_bytes`` (the
   start-up check that one request fits, and the "maximum concurrency" log);
   ``VllmConfig.max_in_flight_tokens``.
@@ -294,6 +300,22 @@ def free_block_range(manager: FullAttentionManager, request_id: str, first: int,
 
 def is_null_block(manager: FullAttentionManager, block) -> bool:
     return block is manager._null_block
+
+
+def request_kv_bytes(scheduler, request_id: str) -> int:
+    """KV bytes a request (the id it was added with) holds in the block pool now: its
+    live (non-null) blocks in every KV-cache group times the group's bytes per
+    block (all its layers)."""
+    internal = [r for r in scheduler.requests if r.startswith(f"{request_id}-")]
+    if len(internal) != 1:
+        return 0
+    (request_id,) = internal
+    managers = scheduler.kv_cache_manager.coordinator.single_type_managers
+    total = 0
+    for group, manager in zip(scheduler.kv_cache_config.kv_cache_groups, managers):
+        live = sum(not is_null_block(manager, b) for b in request_blocks(manager, request_id))
+        total += live * group.kv_cache_spec.page_size_bytes * len(group.layer_names)
+    return total
 
 
 def reshape_and_cache_cuda(key, value, kv_cache, slot_mapping, kv_cache_dtype, layer):

@@ -3,13 +3,16 @@ all through the real vLLM engine (the serving path), on the same prompts.
 
 Each method is one engine: ``dense`` is vLLM's own backend; every other method is
 the MoA backend with a plan (MoA plans, and StreamingLLM-style uniform plans with
-the same sinks). Results: a JSON file, a markdown table, and plots.
+the same sinks). Beside every accuracy, the KV memory each request held, read from
+that engine's block pool in the same run (not predicted). Results: a JSON file, a
+markdown table, and plots.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,6 +40,8 @@ class MethodResult:
     name: str
     densities: dict[int, dict[str, float]] = field(default_factory=dict)
     accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> "len/depth"
+    accuracy_by_filler: dict[str, dict[str, float]] = field(default_factory=dict)
+    kv_fraction: dict[int, float] = field(default_factory=dict)  # held / dense need, per length
     effective_length: dict[str, int] = field(default_factory=dict)
     perplexity: dict[int, float] = field(default_factory=dict)
     top1_agreement: dict[int, float] = field(default_factory=dict)
@@ -88,6 +93,39 @@ def start_engine(model_dir, method: Method, workdir: Path, max_model_len: int):
                additional_config={"moa": {"plan": str(path)}}, **options)
 
 
+def kv_bytes_per_token(model_dir, dtype: str) -> int:
+    """A dense cache's bytes per token (every layer and KV head, K and V)."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_dir)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    size = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * size
+
+
+def answer_and_measure(llm, prompts: list[str], params) -> tuple[list[str], list[float]]:
+    """Greedy answers, and the KV bytes each request held in the engine's block pool
+    at its second output token (its first decode step, after the manager freed what
+    the spans no longer read; the first token if it stopped there) per prompt token."""
+    from moa_vllm.engine.vllm_surface import llm_scheduler, request_kv_bytes
+
+    engine, scheduler = llm.llm_engine, llm_scheduler(llm)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    texts, held = [""] * len(prompts), [0.0] * len(prompts)
+    with tqdm(total=len(prompts), desc="answers", leave=False) as bar:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                i = int(out.request_id)
+                if out.finished:
+                    texts[i] = out.outputs[0].text
+                    bar.update(1)
+                elif len(out.outputs[0].token_ids) <= 2:
+                    held[i] = (request_kv_bytes(scheduler, out.request_id)
+                               / len(out.prompt_token_ids))
+    return texts, held
+
+
 def effective_length(acc_by_length: dict[int, float], threshold: float = 0.9) -> int:
     """Longest length whose accuracy (and every shorter one's) is >= threshold."""
     best = 0
@@ -122,6 +160,7 @@ def run_eval(model_dir, methods: list[Method], tasks, lengths, depths, samples: 
 
     from moa_vllm.engine.vllm_surface import shutdown_llm
 
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the block pool is read in process
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(model_dir)
     prompts = make_samples(tok, tasks, lengths, depths, samples)
@@ -131,6 +170,7 @@ def run_eval(model_dir, methods: list[Method], tasks, lengths, depths, samples: 
     context = AutoConfig.from_pretrained(model_dir).max_position_embeddings
     max_len = min(context, max([*lengths, *fidelity_lengths]) + 256)
     answer = SamplingParams(temperature=0, max_tokens=16)
+    per_token = kv_bytes_per_token(model_dir, "float32")
     scoring = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=TOP_K)
     results, dense_logprobs = [], None
     plans_dir = tempfile.TemporaryDirectory(prefix="moa-eval-")  # the methods' plan files
@@ -143,14 +183,19 @@ def run_eval(model_dir, methods: list[Method], tasks, lengths, depths, samples: 
                 for d in density_table(method.plan, sorted({*lengths, *fidelity_lengths}),
                                        MOA_BLOCK_SIZE)}
         llm = start_engine(model_dir, method, Path(plans_dir.name), max_len)
-        outs = llm.generate([s.prompt for s in prompts], answer, use_tqdm=True)
+        texts, held = answer_and_measure(llm, [s.prompt for s in prompts], answer)
+        for length in lengths:
+            fractions = [h / per_token for s, h in zip(prompts, held) if s.length == length]
+            res.kv_fraction[length] = sum(fractions) / len(fractions)
         for task in tasks:
             cells: dict[str, list[bool]] = {}
-            for s, o in zip(prompts, outs):
+            fillers: dict[str, list[bool]] = {}
+            for s, text in zip(prompts, texts):
                 if s.task == task:
-                    cells.setdefault(f"{s.length}/{s.depth}", []).append(
-                        is_correct(s, o.outputs[0].text))
+                    cells.setdefault(f"{s.length}/{s.depth}", []).append(is_correct(s, text))
+                    fillers.setdefault(s.filler, []).append(is_correct(s, text))
             res.accuracy[task] = {k: sum(v) / len(v) for k, v in cells.items()}
+            res.accuracy_by_filler[task] = {k: sum(v) / len(v) for k, v in fillers.items()}
             by_length = {n: sum(res.accuracy[task][f"{n}/{d}"] for d in depths) / len(depths)
                          for n in lengths}
             res.effective_length[task] = effective_length(by_length)
@@ -184,14 +229,27 @@ def run_eval(model_dir, methods: list[Method], tasks, lengths, depths, samples: 
 
 def markdown(report: dict) -> str:
     lengths, rows = report["lengths"], []
-    head = "| method | task | " + " | ".join(f"acc@{n}" for n in lengths) + " | effective length |"
-    rows += [head, "|" + "---|" * (len(lengths) + 3)]
+    head = ("| method | task | " + " | ".join(f"acc@{n}" for n in lengths)
+            + " | effective length | " + " | ".join(f"KV@{n}" for n in lengths) + " |")
+    rows += [head, "|" + "---|" * (2 * len(lengths) + 3)]
     for m in report["methods"]:
+        kv = " | ".join(f"{m['kv_fraction'][str(n)]:.2f}" for n in lengths)
         for task, cells in m["accuracy"].items():
             accs = [sum(v for k, v in cells.items() if k.startswith(f"{n}/"))
                     / len(report["depths"]) for n in lengths]
             rows.append(f"| {m['name']} | {task} | " + " | ".join(f"{a:.2f}" for a in accs)
-                        + f" | {m['effective_length'][task]} |")
+                        + f" | {m['effective_length'][task]} | {kv} |")
+    rows += ["", "KV@n: KV bytes a request held in that engine's block pool at its first "
+             "decode step, over a dense cache of the prompt (dense > 1: block rounding).", ""]
+    fillers = sorted({f for m in report["methods"] for t in m["accuracy_by_filler"].values()
+                      for f in t})
+    rows += ["| method | task | " + " | ".join(fillers) + " |",
+             "|" + "---|" * (len(fillers) + 2)]
+    for m in report["methods"]:
+        for task, by in m["accuracy_by_filler"].items():
+            rows.append(f"| {m['name']} | {task} | "
+                        + " | ".join("-" if f not in by else f"{by[f]:.2f}" for f in fillers)
+                        + " |")
     flen = report["fidelity_lengths"]
     rows += ["", "| method | " + " | ".join(f"ppl@{n}" for n in flen) + " | "
              + " | ".join(f"top1@{n}" for n in flen) + " | "

@@ -1,6 +1,9 @@
-"""Long-context tasks generated locally with fixed seeds (no hub): passkey in
-filler text, LongEval-style "lines" retrieval, a needle in real English text, and
-real English text for perplexity / fidelity. Every prompt is sized in tokens."""
+"""Long-context tasks generated locally with fixed seeds (no hub): a passkey and a
+needle hidden in one of three fillers (the classic repeated lines, varied
+everyday sentences, real English prose) with one of several wordings,
+LongEval-style "lines" retrieval, and real English text for perplexity /
+fidelity. Every prompt is sized in tokens; samples rotate over fillers and
+wordings, so no figure rests on one kind of text."""
 
 from __future__ import annotations
 
@@ -9,8 +12,35 @@ import re
 from dataclasses import dataclass
 from functools import cache
 
-FILLER = ("The grass is green. The sky is blue. The sun is yellow. "
-          "Here we go. There and back again. ")
+REPEATED = ("The grass is green. The sky is blue. The sun is yellow. "
+            "Here we go. There and back again. ")
+EVERYDAY = [
+    "The bakery on the corner opens at six every morning.",
+    "A light rain fell over the hills during the night.",
+    "Most of the visitors arrived by train from the coast.",
+    "She painted the fence white and left the gate blue.",
+    "The committee postponed its decision until next spring.",
+    "Fresh bread was stacked on wooden shelves behind the counter.",
+    "The old bridge was repaired with stone from the same quarry.",
+    "Children played football in the square until it got dark.",
+    "He wrote letters to his cousin every other week.",
+    "The museum added a new wing for maps and instruments.",
+    "A flock of geese crossed the lake in a long line.",
+    "The library stays open late on Thursdays.",
+    "Tomatoes ripened slowly in the cool summer that year.",
+    "The ferry schedule changes when the winter storms begin.",
+    "Her grandfather kept bees behind the orchard.",
+    "The town council voted to plant trees along the river.",
+    "A quiet hum came from the machines in the basement.",
+    "The recipe calls for two eggs and a cup of flour.",
+    "Snow closed the mountain pass for three days.",
+    "The students compared their notes after the lecture.",
+    "An old clock in the hallway chimed every quarter hour.",
+    "The market sells cheese, honey and dried fruit on Saturdays.",
+    "Fog rolled in from the sea before noon.",
+    "The train slowed down as it approached the valley.",
+]
+FILLERS = ("repeated", "everyday", "prose")
 ADJECTIVES = ["swift", "quiet", "amber", "hollow", "bright", "gentle", "rapid", "silver",
               "ancient", "frozen", "golden", "narrow", "scarlet", "velvet", "wild", "calm"]
 NOUNS = ["moon", "river", "falcon", "meadow", "harbor", "lantern", "canyon", "orchid",
@@ -24,6 +54,7 @@ class Sample:
     depth: float  # where the answer sits, 0 = start, 1 = end
     prompt: str
     answer: str
+    filler: str  # one of FILLERS (``lines``: its own register)
 
 
 @cache
@@ -35,17 +66,31 @@ def english_text() -> str:
     return re.sub(r"\s+", " ", text)
 
 
-def _fit(tokenizer, before: str, needle: str, after_filler: str, question: str,
-         length: int, depth: float, filler: str) -> str:
+def filler_text(kind: str, length: int, rng: random.Random) -> str:
+    """About ``length`` tokens' worth of one filler kind (``FILLERS``)."""
+    if kind == "repeated":
+        return REPEATED
+    if kind == "everyday":
+        sentences = []
+        while len(sentences) * 12 < length:
+            sentences += rng.sample(EVERYDAY, len(EVERYDAY))
+        return " ".join(sentences)
+    text = english_text()
+    start = rng.randrange(0, len(text) // 2)
+    return text[start: start + 8 * length]
+
+
+def _fit(tokenizer, before: str, needle: str, question: str, length: int, depth: float,
+         filler: str) -> str:
     """Filler with the needle at ``depth``, trimmed to about ``length`` tokens."""
-    overhead = len(tokenizer(needle + question)["input_ids"]) + 32
+    overhead = len(tokenizer(before + needle + question)["input_ids"]) + 32
     ids = tokenizer(filler)["input_ids"]
     budget = max(0, length - overhead)
     ids = (ids * (budget // max(1, len(ids)) + 1))[:budget]
     cut = int(len(ids) * depth)
     head = tokenizer.decode(ids[:cut])
     tail = tokenizer.decode(ids[cut:])
-    return f"{before}{head} {needle} {tail}{after_filler}"
+    return f"{before}{head} {needle} {tail}"
 
 
 def chat(tokenizer, text: str) -> str:
@@ -54,16 +99,49 @@ def chat(tokenizer, text: str) -> str:
     )
 
 
-def passkey(tokenizer, length: int, depth: float, rng: random.Random) -> Sample:
+PASSKEY_WORDINGS = [  # (intro, needle, question); {key} is the answer
+    ("There is a pass key hidden in this text. Find it.\n",
+     "The pass key is {key}. Remember it. {key} is the pass key.",
+     "\nWhat is the pass key? Answer with the number only."),
+    ("Read the text below carefully.\n",
+     "Note for later: the access code is {key}.",
+     "\nWhich access code was mentioned in the text? Reply with just the code."),
+    ("",
+     "(The secret number you must remember is {key}.)",
+     "\nWhat was the secret number? Give only the number."),
+]
+NEEDLE_WORDINGS = [
+    ("", "The secret colour of the lighthouse is {key}.",
+     "\nWhat is the secret colour of the lighthouse? Answer with one word."),
+    ("A document follows.\n", "By the way, the painter's favourite colour was {key}.",
+     "\nAccording to the document, what was the painter's favourite colour? One word."),
+    ("", "Remember this: the flag on the tower was {key}.",
+     "\nWhat colour was the flag on the tower? Answer in one word."),
+]
+COLOURS = ["crimson", "turquoise", "saffron", "indigo", "emerald", "ochre"]
+
+
+def _hidden(task: str, wordings, key: str, tokenizer, length: int, depth: float,
+            rng: random.Random, variant: int) -> Sample:
+    """A ``key`` hidden at ``depth`` in the filler and wording of ``variant``."""
+    kind = FILLERS[variant % len(FILLERS)]
+    intro, needle_text, question = wordings[(variant // len(FILLERS)) % len(wordings)]
+    body = _fit(tokenizer, intro, needle_text.format(key=key), question, length, depth,
+                filler_text(kind, length, rng))
+    return Sample(task, length, depth, chat(tokenizer, body + question), key, kind)
+
+
+def passkey(tokenizer, length: int, depth: float, rng: random.Random, variant: int = 0) -> Sample:
     key = str(rng.randint(10000, 99999))
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-    question = "\nWhat is the pass key? Answer with the number only."
-    body = _fit(tokenizer, "There is a pass key hidden in this text. Find it.\n", needle,
-                "", question, length, depth, FILLER)
-    return Sample("passkey", length, depth, chat(tokenizer, body + question), key)
+    return _hidden("passkey", PASSKEY_WORDINGS, key, tokenizer, length, depth, rng, variant)
 
 
-def lines(tokenizer, length: int, depth: float, rng: random.Random) -> Sample:
+def needle(tokenizer, length: int, depth: float, rng: random.Random, variant: int = 0) -> Sample:
+    key = rng.choice(COLOURS)
+    return _hidden("needle", NEEDLE_WORDINGS, key, tokenizer, length, depth, rng, variant)
+
+
+def lines(tokenizer, length: int, depth: float, rng: random.Random, variant: int = 0) -> Sample:
     names = [f"{a}-{n}" for a in ADJECTIVES for n in NOUNS]
     rng.shuffle(names)
     per_line = len(tokenizer("line swift-moon: REGISTER_CONTENT is <12345>\n")["input_ids"])
@@ -74,31 +152,25 @@ def lines(tokenizer, length: int, depth: float, rng: random.Random) -> Sample:
     question = (f"\nWhat is the REGISTER_CONTENT in line {names[target]}? "
                 "Answer with the number only.")
     prompt = "Below is a record of lines I want you to remember.\n" + text + question
-    return Sample("lines", length, depth, chat(tokenizer, prompt), str(values[target]))
-
-
-def needle(tokenizer, length: int, depth: float, rng: random.Random) -> Sample:
-    colour = rng.choice(["crimson", "turquoise", "saffron", "indigo", "emerald", "ochre"])
-    text = english_text()
-    start = rng.randrange(0, len(text) // 2)
-    sentence = f"The secret colour of the lighthouse is {colour}."
-    question = "\nWhat is the secret colour of the lighthouse? Answer with one word."
-    body = _fit(tokenizer, "", sentence, "", question, length, depth,
-                text[start: start + 8 * length])
-    return Sample("needle", length, depth, chat(tokenizer, body + question), colour)
+    return Sample("lines", length, depth, chat(tokenizer, prompt), str(values[target]),
+                  "lines")
 
 
 TASKS = {"passkey": passkey, "lines": lines, "needle": needle}
 
 
 def make_samples(tokenizer, tasks, lengths, depths, samples: int, seed: int = 0) -> list[Sample]:
+    """``samples`` per (task, length, depth); consecutive samples of a length rotate
+    over the fillers, then the wordings."""
     out = []
     for task in tasks:
         for length in lengths:
+            variant = 0
             for depth in depths:
                 for s in range(samples):
                     rng = random.Random(f"{seed}-{task}-{length}-{depth}-{s}")
-                    out.append(TASKS[task](tokenizer, length, depth, rng))
+                    out.append(TASKS[task](tokenizer, length, depth, rng, variant))
+                    variant += 1
     return out
 
 

@@ -30,9 +30,10 @@ def cmd_plan_search(args) -> None:
     cfg = SearchConfig(**{name: getattr(args, name) for name in names})
     plan = run_search(cfg)
     d = plan.provenance.details
-    v = d["validation"]
-    print(f"wrote {cfg.out}: validation loss {v['chosen_loss']} (uniform window "
-          f"{v['uniform_loss']}, dense {v['dense_loss']}), {d['total_seconds']} s")
+    print(f"wrote {cfg.out} in {d['total_seconds']} s")
+    for n, v in d["validation"]["per_length"].items():
+        print(f"  validation loss at {n} tokens: {v['chosen_loss']:.4f} (uniform window "
+              f"{v['uniform_loss']:.4f}, dense {v['dense_loss']:.4f})")
 
 
 def add_search_parser(plan_subparsers) -> None:

@@ -32,7 +32,7 @@ from moa_vllm.plan import (
     uniform_plan,
 )
 from moa_vllm.plan_report import density_table
-from moa_vllm.span_classes import num_span_classes
+from moa_vllm.span_classes import num_span_classes, objective_lengths, single_rule_classes
 
 log = logging.getLogger("moa_vllm.planner")
 
@@ -53,34 +53,38 @@ class SearchConfig:
     density: float = _opt(MISSING, "KV density budget (average and allocated) at every "
                           "length of interest")
     out: str = _opt(MISSING, "where to write the plan")
-    lengths: list[int] = _opt([2048, 4096, 8192], "profiling lengths")
-    validate_length: int | None = _opt(12288, "unseen validation length (0: none)",
-                                       type=lambda s: int(s) or None)
+    lengths: list[int] | None = _opt(
+        None, "profiling lengths, each one loss the Pareto sweep trades (default: 512 "
+        "doubling up to half the context, at most 16384: short prompts are most requests)")
+    validate_lengths: list[int] | None = _opt(
+        None, "unseen validation lengths the plan is chosen on (default: 256 and 1.5x the "
+        "longest profiled length within the context; empty: no validation)")
     density_lengths: list[int] | None = _opt(
-        None, "lengths the densities are constrained at (default: profiling lengths, "
-        "validation length and max_position_embeddings)")
+        None, "lengths the densities are constrained at (default: profiling and validation "
+        "lengths, and 512 up to the context at powers of two and halfway between)")
     allocated_density: float | None = _opt(
         None, "budget of the runtime's allocated density, the KV blocks vLLM holds "
-        "(default: --density; 1.0 frees each KV head from its layer class: per-head plans "
-        "that keep retrieval heads wide)")
+        "(default: --density; head classes of one rule each hold the average density)")
     elastic: str = _opt("prompt", "prompt: N = prompt length, every prompt query keeps the "
                         "whole span (better accuracy at equal density; prefix caching off); "
                         "position: N = t + 1 (prefix caching stays on)",
                         choices=["position", "prompt"])
-    max_span_classes: int = _opt(4, "span classes (KV-cache groups) at most")
+    max_span_classes: int = _opt(9, "head classes (KV-cache groups) at most, one rule each: "
+                                 "the plan has this many distinct rules")
     block_size: int = _opt(16, "runtime KV block size")
     sink_tokens: int = _opt(64, "sink tokens every head keeps")
     min_window: int = _opt(64, "smallest window of any rule")
     profile_block: int = _opt(64, "importance tile size")
     samples: list[int] | None = _opt(None, "calibration samples per profiling length "
                                      "(default: about 16k tokens per length)")
-    validate_samples: int = _opt(2, "validation samples")
+    validate_samples: list[int] | None = _opt(
+        None, "validation samples per validation length (default: about 4k tokens, at "
+        "least 2)")
     answer_tokens: int = _opt(64, "dense answer tokens (targets)")
     dataset: str | None = _opt(None, 'JSONL of {"prompt","answer"}, {"prompt"} or {"text"}')
     seed: int = _opt(0, "calibration seed")
     rules: str | None = _opt(None, 'rule grid "alpha:beta,..." (default: ~48 rules scaled '
                              "to the context)")
-    max_rules_per_layer: int = _opt(2, "distinct rules per layer at most")
     pareto_grid: int = _opt(2, "epsilon levels per secondary length")
     max_validate: int = _opt(6, "Pareto plans scored at the validation length")
     time_limit: float = _opt(30.0, "seconds per MILP solve")
@@ -110,6 +114,39 @@ def _model_id(model_dir: str) -> dict:
 def default_samples(length: int) -> int:
     """About 16k tokens per profiling length (at least one sample)."""
     return max(1, 16384 // length)
+
+
+@dataclass(frozen=True)
+class SearchLengths:
+    """The lengths one search works at (``resolve_lengths``)."""
+
+    profile: list[int]  # one loss each (the Pareto sweep's objectives)
+    samples: list[int]
+    validate: list[int]  # unseen: one shorter and one longer than the profiled ones
+    validate_samples: list[int]
+    density: list[int]  # where the density budgets hold
+
+
+def resolve_lengths(cfg: SearchConfig, context: int) -> SearchLengths:
+    """Defaults span the prompts a server sees: profiling from 512 tokens, validation
+    at 256 and beyond the longest profile, budgets up to the context."""
+    profile = sorted(cfg.lengths or _doublings(512, min(context // 2, 16384)))
+    validate = sorted(cfg.validate_lengths if cfg.validate_lengths is not None else
+                      {256, min(context, profile[-1] * 3 // 2)} - set(profile))
+    samples = cfg.samples or [default_samples(n) for n in profile]
+    vsamples = cfg.validate_samples or [max(2, 4096 // n) for n in validate]
+    if len(samples) != len(profile) or len(vsamples) != len(validate):
+        raise ValueError("--samples and --validate-samples need one count per length")
+    density = sorted(set(cfg.density_lengths or
+                         (profile + validate + objective_lengths(context))))
+    return SearchLengths(profile, samples, validate, vsamples, density)
+
+
+def _doublings(start: int, stop: int) -> list[int]:
+    out = [start]
+    while out[-1] * 2 <= stop:
+        out.append(out[-1] * 2)
+    return out
 
 
 def default_work_dir() -> Path:
@@ -167,6 +204,7 @@ class _Run:
     model_key: dict
     data_key: dict
     threads: int
+    lengths: SearchLengths
     _model: Any = None
 
     def model(self):
@@ -178,13 +216,22 @@ class _Run:
                 self._model = P.load_model(self.cfg.model, self.threads)
         return self._model
 
+    @property
+    def num_classes(self) -> int:
+        return num_span_classes(self.fp.num_layers * self.fp.num_kv_heads,
+                                self.cfg.max_span_classes)
+
     def make_plan(self, rules, choice, details: dict | None = None) -> Plan:
+        """A plan of one rule per head, its head classes of one rule each."""
         cfg = self.cfg
+        table = [[rules[int(r)].as_tuple() for r in row] for row in choice]
         return Plan(
             version=PLAN_VERSION, model=self.fp, sink_tokens=cfg.sink_tokens,
             elastic=cfg.elastic, min_window=cfg.min_window,
             max_span_classes=cfg.max_span_classes,
-            rules=[[rules[int(r)].as_tuple() for r in row] for row in choice],
+            rules=table,
+            head_classes=single_rule_classes(table, self.num_classes,
+                                             self.fp.max_position_embeddings, cfg.min_window),
             provenance=Provenance(method="moa-search", created=now_iso(), details=details or {}),
         )
 
@@ -201,9 +248,10 @@ def _start(cfg: SearchConfig) -> _Run:
     data_key = {"dataset": dataset, "answer_tokens": cfg.answer_tokens, "seed": cfg.seed,
                 "data_version": 2}
     work = Path(cfg.work_dir) if cfg.work_dir else default_work_dir()
-    log.info("plan search: %s, density %s, lengths %s, work dir %s", fp.describe(),
-             cfg.density, sorted(cfg.lengths), work)
-    return _Run(cfg, fp, StageCache(work), _model_id(cfg.model), data_key, threads)
+    lengths = resolve_lengths(cfg, fp.max_position_embeddings)
+    log.info("plan search: %s, density %s, profiling %s, validating %s, work dir %s",
+             fp.describe(), cfg.density, lengths.profile, lengths.validate, work)
+    return _Run(cfg, fp, StageCache(work), _model_id(cfg.model), data_key, threads, lengths)
 
 
 def _calibration(run: _Run, length: int, n: int, split: str) -> list:
@@ -241,11 +289,6 @@ def _profile(run: _Run, length: int, n: int) -> tuple[np.ndarray, dict]:
     return arrays["importance"], info
 
 
-def _density_lengths(cfg: SearchConfig, fp: ModelFingerprint) -> list[int]:
-    extra = [x for x in (cfg.validate_length, fp.max_position_embeddings) if x]
-    return sorted(set(cfg.density_lengths or (sorted(cfg.lengths) + extra)))
-
-
 def _problem(run: _Run, profiles: dict, profile_info: dict):
     """Stage 3: the rule grid, each rule's loss per head and length, and the cost
     tables of the MILP."""
@@ -256,17 +299,16 @@ def _problem(run: _Run, profiles: dict, profile_info: dict):
     with run.cache.timed("rule_losses"):
         rules = parse_rules(cfg.rules) if cfg.rules else default_rules(
             fp.max_position_embeddings, cfg.min_window, cfg.sink_tokens, cfg.density)
+        lengths = run.lengths.density
         losses = np.stack([
             rule_losses(profiles[n], rules, n, cfg.profile_block, cfg.sink_tokens,
                         cfg.min_window, cfg.elastic,
                         int(round(profile_info[n]["mean_prompt_len"])))
             for n in sorted(profiles)
         ])
-        dens, held, dense, keys = cost_tables(
-            rules, _density_lengths(cfg, fp), cfg.sink_tokens, cfg.min_window, cfg.elastic,
-            cfg.block_size, fp.max_position_embeddings)
-    prob = Problem(losses, dens, held, dense, keys, cfg.density, _alloc_budget(cfg),
-                   cfg.max_rules_per_layer, cfg.max_span_classes)
+        dens, held, dense = cost_tables(rules, lengths, cfg.sink_tokens, cfg.min_window,
+                                        cfg.elastic, cfg.block_size)
+    prob = Problem(losses, dens, held, dense, cfg.density, _alloc_budget(cfg), run.num_classes)
     return rules, losses, prob
 
 
@@ -276,20 +318,20 @@ def _alloc_budget(cfg: SearchConfig) -> float:
 
 def _pareto_front(run: _Run, rules, losses, prob) -> tuple[list, list]:
     """Stage 4: the epsilon-constraint sweep; every solution is checked with the
-    runtime's own density functions."""
-    from moa_vllm.planner.milp import Assigner, pareto_sweep
+    runtime's own density functions against the program's budgets."""
+    from moa_vllm.planner.milp import HeadClassMILP, pareto_sweep
 
     cfg = run.cfg
-    lengths = _density_lengths(cfg, run.fp)
+    lengths = run.lengths.density
 
     def verify(choice) -> bool:
         table = density_table(run.make_plan(rules, choice), lengths, cfg.block_size)
-        return all(d.average_density <= cfg.density + 1e-9
-                   and d.allocated_density <= _alloc_budget(cfg) + 1e-9 for d in table)
+        return all(d.average_density <= avg + 1e-9 and d.allocated_density <= alloc + 1e-9
+                   for d, avg, alloc in zip(table, prob.density_budget, prob.allocated_budget))
 
     def compute():
-        assigner = Assigner(prob, verify, cfg.time_limit, cfg.mip_rel_gap)
-        sols, solve_log = pareto_sweep(assigner, cfg.pareto_grid, cfg.progress)
+        program = HeadClassMILP(prob, verify, cfg.time_limit, cfg.mip_rel_gap)
+        sols, solve_log = pareto_sweep(program, cfg.pareto_grid, cfg.progress)
         if not sols:
             raise RuntimeError("no feasible plan: relax --density, --max-span-classes or "
                                "the rule grid")
@@ -297,11 +339,10 @@ def _pareto_front(run: _Run, rules, losses, prob) -> tuple[list, list]:
             {"choices": np.stack([s.choice for s in sols])}
 
     key = {"losses": _hash(losses.round(12).tolist()), "dl": lengths, "density": cfg.density,
-           "alloc": _alloc_budget(cfg), "R": cfg.max_rules_per_layer,
-           "K": cfg.max_span_classes, "grid": cfg.pareto_grid, "tl": cfg.time_limit,
-           "gap": cfg.mip_rel_gap, "rules": [r.as_tuple() for r in rules],
+           "alloc": _alloc_budget(cfg), "classes": run.num_classes, "grid": cfg.pareto_grid,
+           "tl": cfg.time_limit, "gap": cfg.mip_rel_gap, "rules": [r.as_tuple() for r in rules],
            "elastic": cfg.elastic, "sink": cfg.sink_tokens, "minw": cfg.min_window,
-           "bs": cfg.block_size}
+           "bs": cfg.block_size, "milp_version": 2}
     value, arrays = run.cache.get("milp", key, compute)
     front = list(zip(arrays["choices"], map(np.array, value["objectives"])))
     solve_log = value["log"]
@@ -314,87 +355,93 @@ def _pareto_front(run: _Run, rules, losses, prob) -> tuple[list, list]:
     return front, solve_log
 
 
-def _validate(run: _Run, plans: list[Plan | None]) -> list[float]:
-    """Stage 5: the answer loss of each plan (None: dense) at the unseen length."""
+def _validate(run: _Run, plans: list[Plan | None]) -> dict[int, list[float]]:
+    """Stage 5: the answer loss of each plan (None: dense) at each unseen length."""
     from tqdm import tqdm
 
     from moa_vllm.planner import profile as P
 
-    cfg = run.cfg
-    vdata = _calibration(run, cfg.validate_length, cfg.validate_samples, "valid")
-    data_key = {"model": run.model_key, "data": run.data_key, "length": cfg.validate_length,
-                "n": cfg.validate_samples}
-    scores = []
-    for plan in tqdm(plans, desc=f"validate {cfg.validate_length}",
-                     disable=not cfg.progress, leave=False):
-        spans = None if plan is None else [plan.rules, plan.sink_tokens, plan.elastic,
-                                           plan.min_window]
+    scores: dict[int, list[float]] = {}
+    for length, n in zip(run.lengths.validate, run.lengths.validate_samples):
+        vdata = _calibration(run, length, n, "valid")
+        data_key = {"model": run.model_key, "data": run.data_key, "length": length, "n": n}
+        scores[length] = []
+        for plan in tqdm(plans, desc=f"validate {length}", disable=not run.cfg.progress,
+                         leave=False):
+            spans = None if plan is None else [plan.rules, plan.sink_tokens, plan.elastic,
+                                               plan.min_window]
 
-        def compute(plan=plan):
-            model, _ = run.model()
-            return float(np.mean([P.masked_answer_loss(model, plan, s.ids, len(s.prompt))
-                                  for s in vdata])), {}
+            def compute(plan=plan):
+                model, _ = run.model()
+                return float(np.mean([P.masked_answer_loss(model, plan, s.ids, len(s.prompt))
+                                      for s in vdata])), {}
 
-        loss, _ = run.cache.get("validation", {"data": data_key, "plan": spans}, compute)
-        scores.append(loss)
+            loss, _ = run.cache.get("validation", {"data": data_key, "plan": spans}, compute)
+            scores[length].append(loss)
     return scores
+
+
+def choose(scores: dict[int, list[float]]) -> tuple[int, list[float]]:
+    """The plan (index after dense and the uniform window) with the least mean
+    relative loss over dense across the validation lengths, and every plan's score."""
+    rel = np.array([np.array(v[2:]) / max(v[0], 1e-9) for v in scores.values()])
+    mean = rel.mean(0)
+    return int(np.argmin(mean)), [float(x) for x in mean]
 
 
 def run_search(cfg: SearchConfig) -> Plan:
     t_start = time.perf_counter()
     run = _start(cfg)
-    lengths = sorted(cfg.lengths)
-    samples = cfg.samples or [default_samples(n) for n in lengths]
-    if len(samples) != len(lengths):
-        raise ValueError("--samples needs one count per profiling length")
-    profiled = {n: _profile(run, n, k) for n, k in zip(lengths, samples)}
+    lengths = run.lengths
+    profiled = {n: _profile(run, n, k) for n, k in zip(lengths.profile, lengths.samples)}
     profiles = {n: imp for n, (imp, _) in profiled.items()}
     profile_info = {n: info for n, (_, info) in profiled.items()}
     rules, losses, prob = _problem(run, profiles, profile_info)
     front, solve_log = _pareto_front(run, rules, losses, prob)
 
-    scores, dense_loss, uniform_loss, best = [], None, None, 0
-    if cfg.validate_length and cfg.validate_samples:
+    scores, best, relative = {}, 0, []
+    if lengths.validate:
         # dense and the equal-density uniform window are scored beside the front
         uniform = uniform_plan(run.fp, cfg.density, sink_tokens=cfg.sink_tokens,
                                elastic=cfg.elastic, min_window=cfg.min_window, grow=True)
-        dense_loss, uniform_loss, *scores = _validate(
-            run, [None, uniform] + [run.make_plan(rules, c) for c, _ in front])
-        best = int(np.argmin(scores))
-        if scores[best] >= uniform_loss:
-            log.warning("no searched plan beats the uniform window at %d tokens (%.4f vs %.4f): "
-                        "more calibration samples or profiling lengths may help",
-                        cfg.validate_length, scores[best], uniform_loss)
+        scores = _validate(run, [None, uniform] + [run.make_plan(rules, c) for c, _ in front])
+        best, relative = choose(scores)
+        for n, v in scores.items():
+            if v[2 + best] >= v[1]:
+                log.warning("the chosen plan does not beat the uniform window at %d tokens "
+                            "(%.4f vs %.4f): more calibration samples or profiling lengths "
+                            "may help", n, v[2 + best], v[1])
     choice, _ = front[best]
 
     total = round(time.perf_counter() - t_start, 2)
-    dl = _density_lengths(cfg, run.fp)
     details = {
         "density": cfg.density,
         "allocated_density_budget": _alloc_budget(cfg),
-        "density_lengths": dl,
+        "density_lengths": lengths.density,
         "block_size": cfg.block_size,
-        "profile_lengths": lengths,
+        "profile_lengths": lengths.profile,
         "profile_block": cfg.profile_block,
-        "samples_per_length": dict(zip(map(str, lengths), samples)),
-        "profiles": {str(n): profile_info[n] for n in lengths},
+        "samples_per_length": dict(zip(map(str, lengths.profile), lengths.samples)),
+        "profiles": {str(n): profile_info[n] for n in lengths.profile},
         "data": {"source": cfg.dataset or "synthetic (pydoc_data.topics): facts, passages, topics",
                  "targets": "dense model greedy answers" if not cfg.dataset
                  else "dataset answers or dense greedy",
                  "answer_tokens": cfg.answer_tokens, "seed": cfg.seed},
         "rules_grid": [r.as_tuple() for r in rules],
-        "max_rules_per_layer": cfg.max_rules_per_layer,
-        "span_classes": num_span_classes(run.fp.num_layers, cfg.max_span_classes),
+        "head_classes": run.num_classes,
         "solver": {"name": "scipy.optimize.milp (HiGHS)", "time_limit_s": cfg.time_limit,
                    "mip_rel_gap": cfg.mip_rel_gap, "pareto_grid": cfg.pareto_grid,
                    "solves": solve_log,
                    "total_solver_s": round(sum(e["seconds"] for e in solve_log), 2)},
         "pareto": [{"objectives": [round(float(x), 6) for x in o],
-                    "validation_loss": None if not scores else round(scores[i], 6)}
+                    "validation_losses": {str(n): round(v[2 + i], 6) for n, v in scores.items()},
+                    "relative_loss": round(relative[i], 6) if relative else None}
                    for i, (_, o) in enumerate(front)],
-        "validation": {"length": cfg.validate_length, "samples": cfg.validate_samples,
-                       "dense_loss": dense_loss, "uniform_loss": uniform_loss, "chosen": best,
-                       "chosen_loss": scores[best] if scores else None},
+        "validation": {
+            "lengths": lengths.validate, "samples": lengths.validate_samples, "chosen": best,
+            "relative_loss": relative[best] if relative else None,
+            "per_length": {str(n): {"dense_loss": v[0], "uniform_loss": v[1],
+                                    "chosen_loss": v[2 + best]} for n, v in scores.items()}},
         "stage_seconds": run.cache.seconds,
         "cached_stage_seconds": run.cache.cached_seconds,
         "total_seconds": total,
@@ -405,9 +452,9 @@ def run_search(cfg: SearchConfig) -> Plan:
     plan.provenance.details["densities"] = [
         {"length": d.length, "average": round(d.average_density, 5),
          "allocated": round(d.allocated_density, 5)}
-        for d in density_table(plan, dl, cfg.block_size)]
+        for d in density_table(plan, lengths.density, cfg.block_size)]
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     plan.save(cfg.out)
-    log.info("wrote %s (validation loss %s, uniform window %s, dense %s) in %.1f s", cfg.out,
-             scores[best] if scores else None, uniform_loss, dense_loss, total)
+    log.info("wrote %s (validation %s) in %.1f s", cfg.out,
+             details["validation"]["per_length"], total)
     return plan

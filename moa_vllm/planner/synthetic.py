@@ -6,6 +6,7 @@ import numpy as np
 
 from moa_vllm.planner.milp import Problem, cost_tables
 from moa_vllm.planner.rules import Rule, default_rules, rule_losses
+from moa_vllm.span_classes import num_span_classes
 
 
 def random_importance(layers: int, heads: int, length: int, block: int, rng: np.random.Generator) -> np.ndarray:
@@ -42,8 +43,7 @@ def random_problem(
     elastic: str = "position",
     block_size: int = 16,
     rules: list[Rule] | None = None,
-    max_span_classes: int = 4,
-    max_rules_per_layer: int = 2,
+    max_span_classes: int = 9,
     allocated_density: float | None = None,
 ) -> tuple[Problem, list[Rule]]:
     rng = np.random.default_rng(seed)
@@ -53,9 +53,9 @@ def random_problem(
                     sink_tokens, min_window, elastic)
         for n in lengths
     ])
-    dens, held, dense, keys = cost_tables(rules, density_lengths, sink_tokens, min_window,
-                                          elastic, block_size, max_context)
-    prob = Problem(losses, dens, held, dense, keys, density,
+    dens, held, dense = cost_tables(rules, density_lengths, sink_tokens, min_window,
+                                    elastic, block_size)
+    prob = Problem(losses, dens, held, dense, density,
                    allocated_density if allocated_density is not None else density,
-                   max_rules_per_layer, max_span_classes)
+                   num_span_classes(layers * heads, max_span_classes))
     return prob, rules

@@ -9,7 +9,7 @@ import pytest
 from moa_testing import model_fingerprint
 from transformers import AutoTokenizer
 
-from moa_vllm.evaluation.tasks import is_correct, make_samples
+from moa_vllm.evaluation.tasks import FILLERS, is_correct, make_samples
 from moa_vllm.evaluation.runner import Method, effective_length, methods_from_args, run_eval
 from moa_vllm.plan import uniform_plan
 
@@ -19,6 +19,10 @@ def test_tasks_are_sized_seeded_and_carry_their_answer(smollm2_dir):
     samples = make_samples(tok, ["passkey", "lines", "needle"], [300, 900], [0.0, 1.0], 2)
     again = make_samples(tok, ["passkey", "lines", "needle"], [300, 900], [0.0, 1.0], 2)
     assert samples == again
+    for task in ("passkey", "needle"):  # every filler kind at every length
+        for n in (300, 900):
+            assert {s.filler for s in samples if s.task == task and s.length == n} == set(FILLERS)
+    assert len({s.prompt.split(s.answer)[0][-40:] for s in samples if s.task == "passkey"}) > 1
     for s in samples:
         n = len(tok(s.prompt)["input_ids"])
         assert 0.85 * s.length <= n <= 1.15 * s.length + 40, (s.task, s.length, n)
@@ -69,3 +73,10 @@ def test_harness_writes_results_and_a_full_plan_is_dense(report):
     # a 25% window on a 512-token text changes the next-token distributions
     assert window["kl_top20"]["512"] > 10 * full["kl_top20"]["512"]
     assert window["densities"]["512"]["average"] < 0.3
+    # KV memory read from each engine's block pool in the same run
+    for m in data["methods"]:
+        assert set(m["kv_fraction"]) == {"256", "512"}
+    assert dense["kv_fraction"]["512"] >= 0.99 and full["kv_fraction"]["512"] >= 0.99
+    assert full["kv_fraction"]["512"] <= 1 + 16 / 256
+    assert window["kv_fraction"]["512"] < 0.5 * full["kv_fraction"]["512"]
+    assert "KV@512" in (out / "eval.md").read_text()

@@ -6,10 +6,15 @@ import numpy as np
 import pytest
 
 from moa_vllm.plan import PLAN_VERSION, ModelFingerprint, Plan, Provenance, now_iso
-from moa_vllm.planner.milp import Assigner, pareto_sweep
-from moa_vllm.planner.rules import Rule, default_rules, dropped_fraction
+from moa_vllm.planner.milp import HeadClassMILP, pareto_sweep
+from moa_vllm.planner.rules import Rule, default_rules, dropped_fraction, rule_held_blocks
 from moa_vllm.planner.synthetic import random_problem
-from moa_vllm.span_classes import allocated_density, assign_head_classes, average_density
+from moa_vllm.span_classes import (
+    allocated_density,
+    assign_head_classes,
+    average_density,
+    single_rule_classes,
+)
 from moa_vllm.span_mask import LayerSpans
 
 CTX = 2048
@@ -17,48 +22,56 @@ LENGTHS = [512, 1024]
 DENSITY_LENGTHS = [512, 1024, 1536, 2048]
 
 
-def _plan(layers, heads, rules, choice, elastic="position"):
+def _plan(layers, heads, rules, choice, classes=None, elastic="position"):
     fp = ModelFingerprint(architecture="LlamaForCausalLM", num_layers=layers, num_attention_heads=heads,
                           num_kv_heads=heads, head_dim=16, max_position_embeddings=CTX)
+    table = [[rules[r].as_tuple() for r in row] for row in choice]
     return Plan(version=PLAN_VERSION, model=fp, sink_tokens=64, elastic=elastic, min_window=64,
-                max_span_classes=4, rules=[[rules[r].as_tuple() for r in row] for row in choice],
+                max_span_classes=classes or 1, rules=table,
+                head_classes=None if classes is None else single_rule_classes(table, classes, CTX, 64),
                 provenance=Provenance(method="test", created=now_iso()))
 
 
-def _check(plan, density, max_rules=2, max_classes=4, block_size=16):
-    for n in DENSITY_LENGTHS:
-        assert average_density(plan, n) <= density + 1e-9, n
-        assert allocated_density(plan, n, block_size) <= density + 1e-9, n
-    for row in plan.rules:
-        assert len(row) == plan.model.num_kv_heads  # one rule per KV head
-        assert len(set(row)) <= max_rules
-    assert len(assign_head_classes(plan, max_classes=max_classes)) <= max_classes
-
-
-def _verifier(layers, heads, rules, density):
+def _verifier(prob, layers, heads, rules):
     def verify(choice):
-        plan = _plan(layers, heads, rules, choice)
-        return all(average_density(plan, n) <= density + 1e-9
-                   and allocated_density(plan, n, 16) <= density + 1e-9 for n in DENSITY_LENGTHS)
+        plan = _plan(layers, heads, rules, choice, prob.num_classes)
+        return all(average_density(plan, n) <= avg + 1e-9
+                   and allocated_density(plan, n, 16) <= alloc + 1e-9
+                   for n, avg, alloc in zip(DENSITY_LENGTHS, prob.density_budget,
+                                            prob.allocated_budget))
 
     return verify
 
 
+def _check(prob, plan, density):
+    """Budgets hold where they can; each class holds one rule, so the block pool's
+    density is the average density (within block rounding)."""
+    for n in DENSITY_LENGTHS:
+        avg = average_density(plan, n)
+        assert avg <= density + 1e-9 or avg <= prob.dens[:, DENSITY_LENGTHS.index(n)].min() + 1e-9
+        assert allocated_density(plan, n, 16) == pytest.approx(
+            sum(rule_held_blocks(Rule(a, b), n, 64, 64, "position", 16) for row in plan.rules
+                for a, b in row) / (len(plan.rules) * len(plan.rules[0]) * -(-n // 16)))
+        assert abs(allocated_density(plan, n, 16) - avg) <= 16 / n + 1e-9
+    classes = assign_head_classes(plan)
+    assert len(classes) == prob.num_classes
+    assert all(len(c.rules) == 1 for c in classes)
+    assert len({len(c.slots) for c in classes}) == 1
+
+
 @pytest.mark.parametrize(
     "layers,heads,density,seed,classes",
-    [(8, 2, 0.5, 0, 4), (8, 2, 0.3, 1, 4), (6, 3, 0.5, 2, 1), (4, 2, 0.4, 3, 4), (12, 2, 0.5, 4, 4)],
+    [(8, 2, 0.5, 0, 4), (8, 2, 0.3, 1, 8), (6, 3, 0.5, 2, 1), (4, 2, 0.4, 3, 4), (12, 2, 0.5, 4, 6)],
 )
 def test_milp_constraints_and_uniform(layers, heads, density, seed, classes):
     prob, rules = random_problem(layers, heads, LENGTHS, DENSITY_LENGTHS, density, CTX, seed=seed,
                                  max_span_classes=classes)
-
-    verify = _verifier(layers, heads, rules, density)
-    assigner = Assigner(prob, verify, time_limit=20, mip_rel_gap=1e-4)
-    w = np.array([0.0, 1.0])
-    sol = assigner.solve(w)
+    assert prob.num_classes == classes
+    verify = _verifier(prob, layers, heads, rules)
+    program = HeadClassMILP(prob, verify, time_limit=20, mip_rel_gap=1e-4)
+    sol = program.solve(np.array([0.0, 1.0]))
     assert sol.status == 0 and sol.info["verified"]
-    plan = _plan(layers, heads, rules, sol.choice)
-    _check(plan, density)
+    _check(prob, _plan(layers, heads, rules, sol.choice, classes), density)
     # the best uniform assignment (every head the same rule) that meets the budgets
     best_uniform = np.inf
     for r in range(len(rules)):
@@ -67,17 +80,43 @@ def test_milp_constraints_and_uniform(layers, heads, density, seed, classes):
             best_uniform = min(best_uniform, prob.losses[1][..., r].sum())
     assert np.isfinite(best_uniform)
     assert sol.objectives[1] <= best_uniform * (1 + 1e-3)
-    assert sol.objectives[1] < best_uniform  # heterogeneous spans help on random profiles
+    if classes > 1:
+        assert sol.objectives[1] < best_uniform  # heterogeneous spans help on random profiles
+
+
+def test_budget_floor_at_short_lengths():
+    """At 256 tokens sinks + min_window are half the cache: a 0.25 budget is met at
+    its floor (every head at min_window), not made infeasible."""
+    lengths = [256, *DENSITY_LENGTHS]
+    prob, rules = random_problem(4, 2, LENGTHS, lengths, 0.25, CTX, seed=5, max_span_classes=4)
+    floor = prob.dens[:, 0].min()
+    assert prob.density_budget[0] == floor > 0.45
+    sol = HeadClassMILP(prob, None, time_limit=20).solve(np.array([0.0, 1.0]))
+    assert sol.status == 0
+    plan = _plan(4, 2, rules, sol.choice, 4)
+    assert average_density(plan, 256) == pytest.approx(floor)
+    assert average_density(plan, 2048) <= 0.25 + 1e-9
+
+
+def test_single_rule_classes_need_multiples_of_the_class_size():
+    rules = [Rule(128, 0.0), Rule(0, 0.5)]
+    choice = np.array([[0, 1], [1, 1], [0, 0], [1, 0]])  # 4 + 4 slots: classes of 2 or 4
+    table = [[rules[r].as_tuple() for r in row] for row in choice]
+    assert sorted(c for row in single_rule_classes(table, 4, CTX, 64) for c in row) == [0, 0, 1, 1, 2, 2, 3, 3]
+    with pytest.raises(ValueError, match="multiple of 8"):
+        single_rule_classes(table, 1, CTX, 64)  # one class cannot hold two rules
 
 
 def test_pareto_front_is_feasible_and_nondominated():
     layers, heads, density = 8, 2, 0.5
-    prob, rules = random_problem(layers, heads, LENGTHS, DENSITY_LENGTHS, density, CTX, seed=7)
-    assigner = Assigner(prob, _verifier(layers, heads, rules, density), time_limit=20, mip_rel_gap=1e-4)
-    front, log = pareto_sweep(assigner, grid=2, progress=False)
-    assert front and len(log) >= 4
+    prob, rules = random_problem(layers, heads, LENGTHS, DENSITY_LENGTHS, density, CTX, seed=7,
+                                 max_span_classes=4)
+    program = HeadClassMILP(prob, _verifier(prob, layers, heads, rules), time_limit=20,
+                            mip_rel_gap=1e-4)
+    front, log = pareto_sweep(program, grid=2, progress=False)
+    assert front and len(log) >= 3
     for s in front:
-        _check(_plan(layers, heads, rules, s.choice), density)
+        _check(prob, _plan(layers, heads, rules, s.choice, 4), density)
         for o in front:
             assert not ((o.objectives <= s.objectives).all() and (o.objectives < s.objectives).any())
 

@@ -7,14 +7,14 @@ import time
 
 from moa_vllm.cli import build_parser
 from moa_vllm.plan import load_plan
-from moa_vllm.span_classes import allocated_density, average_density
+from moa_vllm.span_classes import allocated_density, assign_head_classes, average_density
 
 
 def search_args(model_dir, tmp_path):
     return build_parser().parse_args([
         "plan", "search", "--model", str(model_dir), "--density", "0.5",
-        "--lengths", "256,512", "--validate-length", "768", "--samples", "2,1",
-        "--validate-samples", "1", "--answer-tokens", "16", "--threads", "2",
+        "--lengths", "256,512", "--validate-lengths", "128,768", "--samples", "2,1",
+        "--validate-samples", "2,1", "--answer-tokens", "16", "--threads", "2",
         "--work-dir", str(tmp_path / "work"), "--no-progress",
         "--out", str(tmp_path / "tiny-moa.json"),
     ])
@@ -43,12 +43,20 @@ def test_plan_search_end_to_end(tiny_dir, tmp_path):
     details = plan.provenance.details
     assert plan.provenance.method == "moa-search"
     assert set(details["stage_seconds"]) >= {"profile_256", "profile_512", "milp", "validation"}
-    assert details["solver"]["solves"] and details["validation"]["chosen_loss"] is not None
-    # the equal-density uniform window is scored beside the searched plans
-    assert details["validation"]["uniform_loss"] >= 0.0
+    assert details["solver"]["solves"]
+    # chosen on a shorter and a longer unseen length, dense and the equal-density
+    # uniform window scored beside the searched plans
+    assert sorted(details["validation"]["per_length"]) == ["128", "768"]
+    for v in details["validation"]["per_length"].values():
+        assert v["chosen_loss"] >= 0.0 and v["uniform_loss"] >= 0.0 and v["dense_loss"] >= 0.0
+    assert details["density_lengths"][0] == 128  # budgets hold down to short prompts
+    # one rule per head class: the block pool holds the average density
+    assert plan.head_classes is not None
+    assert all(len(c.rules) == 1 for c in assign_head_classes(plan))
     for n in details["density_lengths"]:
-        assert average_density(plan, n) <= 0.5 + 1e-9
-        assert allocated_density(plan, n, 16) <= 0.5 + 1e-9
+        if n >= 256:  # below, sinks + min_window alone exceed the budget
+            assert average_density(plan, n) <= 0.5 + 1e-9
+        assert abs(allocated_density(plan, n, 16) - average_density(plan, n)) <= 16 / n
     json.dumps(details)
 
     # resumable: a second run reuses every stage
@@ -68,5 +76,5 @@ def test_plan_search_on_qwen3(tiny_model_of, tmp_path):
     args.func(args)
     plan = load_plan(tmp_path / "tiny-moa.json")
     assert plan.model.architecture == "Qwen3ForCausalLM"
-    assert plan.provenance.details["validation"]["chosen_loss"] is not None
+    assert plan.provenance.details["validation"]["relative_loss"] is not None
     assert generate_with(model_dir, plan, tmp_path) == 4
