@@ -1,9 +1,9 @@
 """What head classes cost the engine: one decode step, and the scheduler's part of
-it, for 1 class vs more (the same plan, only ``max_span_classes`` changed), side
-by side in one run, as ratios to 1 class.
+it, for 1 class vs more (the same rules, ``max_span_classes`` changed and the
+classes derived), side by side in one run, as ratios to 1 class.
 
     PYTHONSAFEPATH=1 .venv/bin/python benchmarks/scheduler_cost.py \\
-        --model .models/smollm2 --plan plans/smollm2-135m-moa-0.5-perhead.json
+        --model .models/smollm2 --plan plans/smollm2-135m-moa-0.5.json
 
 Batch 4, 2k-token prompts, bf16, 64 decode steps timed after 8 warm-up steps.
 Writes ``benchmarks/results/scheduler_cost_cpu.{json,md}``.
@@ -85,7 +85,7 @@ def main() -> int:
     rows = []
     for k in [int(x) for x in args.classes.split(",")]:
         path = tmp / f"plan-{k}.json"
-        plan.model_copy(update={"max_span_classes": k}).save(path)
+        plan.model_copy(update={"max_span_classes": k, "head_classes": None}).save(path)
         rows.append(time_steps(args.model, str(path), args.length, args.batch, args.steps))
         print(json.dumps(rows[-1]), flush=True)
     base = rows[0]

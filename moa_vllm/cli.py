@@ -154,8 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "the --plan files, else prompt)")
     p.add_argument("--tasks", type=lambda s: s.split(","), default=["passkey", "lines", "needle"])
     p.add_argument("--lengths", type=ints, default=[512, 1024, 2048, 4096])
-    p.add_argument("--depths", type=floats, default=[0.1, 0.5, 0.9])
-    p.add_argument("--samples", type=int, default=3)
+    p.add_argument("--depths", type=floats, default=[round(i / 11, 2) for i in range(12)],
+                   help="where the answer sits, 0 = start, 1 = end (default: 12 from 0 to 1)")
+    p.add_argument("--samples", type=int, default=1,
+                   help="per length and depth; samples of a length rotate over three "
+                        "fillers and three wordings")
     p.add_argument("--fidelity-lengths", type=ints, default=[2048, 4096, 8000])
     p.add_argument("--fidelity-samples", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/eval")

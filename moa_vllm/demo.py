@@ -1,6 +1,8 @@
 """`make demo`: serve SmolLM2 with MoA through `moa-vllm serve` (vLLM's OpenAI
-server), ask one question over a long passage, print the answer and the KV blocks
-MoA returned to vLLM's pool (read from the server's ``/metrics``), then stop it."""
+server) with the plan a user gets by default (plan discovery: the best shipped
+searched plan), ask one question over a long passage, print the answer and the KV
+blocks MoA returned to vLLM's pool (read from the server's ``/metrics``), then
+stop it."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from moa_vllm.plan_discovery import packaged_plans_dir
+from moa_vllm.plan_discovery import resolve_plan
 
 PASSAGE = (
     "The lighthouse keeper wrote in his log every evening. He noted the wind, "
@@ -23,14 +25,14 @@ PASSAGE = (
 )
 FACT = "The keeper's cat was called Biscuit, and she slept on the logbook."
 QUESTION = "What was the keeper's cat called?"
-DEMO_PLAN = "smollm2-135m-uniform-0.5.json"
 BLOCK_SIZE = 16
 
 
-def server_command(model: str, plan: str, port: int) -> list[str]:
+def server_command(model: str, plan: str | None, port: int) -> list[str]:
+    """``moa-vllm serve``; without ``plan`` it serves what plan discovery finds."""
     return [
-        sys.executable, "-P", "-m", "moa_vllm.cli", "serve", model, "--plan", plan,
-        "--served-model-name", "smollm2", "--port", str(port),
+        sys.executable, "-P", "-m", "moa_vllm.cli", "serve", model,
+        *(["--plan", plan] if plan else []), "--served-model-name", "smollm2", "--port", str(port),
         "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096",
         "--block-size", str(BLOCK_SIZE), "--max-num-seqs", "4",
         "--kv-cache-memory-bytes", str(1 << 30),
@@ -72,15 +74,21 @@ def blocks_freed(metrics_text: str) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--plan", default=str(packaged_plans_dir() / DEMO_PLAN))
+    parser.add_argument("--plan", help="default: plan discovery (what `moa-vllm serve` picks)")
     parser.add_argument("--port", type=int, default=8011)
     args = parser.parse_args(argv)
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     base = f"http://127.0.0.1:{args.port}"
     log = Path(tempfile.mkdtemp(prefix="moa-demo-")) / "server.log"
+    from transformers import AutoConfig
+
+    from moa_vllm.plan import fingerprint_from_hf_config
+
+    shown = args.plan or resolve_plan(
+        args.model, fingerprint_from_hf_config(AutoConfig.from_pretrained(args.model))).source
     print(f"starting moa-vllm serve (vLLM's OpenAI server, --attention-backend moa), "
-          f"plan {args.plan}")
+          f"plan {shown}")
     print(f"(server log: {log})", end="", flush=True)
     with open(log, "w") as sink:
         server = subprocess.Popen(server_command(args.model, args.plan, args.port), env=env,

@@ -53,7 +53,7 @@ def test_installed_wheel_serves_its_packaged_plans(wheel_venv, smollm2_dir, tmp_
     module, plans = map(Path, json.loads(result.stdout))
     site = wheel_venv.parent / "lib"
     assert site in module.parents and site in plans.parents  # not the repo's
-    shipped = plans / "smollm2-135m-moa-0.5-perhead.json"
+    shipped = plans / "smollm2-135m-moa-0.5.json"
     result = run_outside_repo(wheel_venv, ["moa-vllm", "plan", "show", str(shipped)], tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["model"]["architecture"] == "LlamaForCausalLM"

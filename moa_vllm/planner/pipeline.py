@@ -57,8 +57,8 @@ class SearchConfig:
         None, "profiling lengths, each one loss the Pareto sweep trades (default: 512 "
         "doubling up to half the context, at most 16384: short prompts are most requests)")
     validate_lengths: list[int] | None = _opt(
-        None, "unseen validation lengths the plan is chosen on (default: 256 and 1.5x the "
-        "longest profiled length within the context; empty: no validation)")
+        None, "unseen validation lengths the plan is chosen on (default: 3/4 of the shortest "
+        "and 1.5x the longest profiled length within the context; empty: no validation)")
     density_lengths: list[int] | None = _opt(
         None, "lengths the densities are constrained at (default: profiling and validation "
         "lengths, and 512 up to the context at powers of two and halfway between)")
@@ -129,16 +129,18 @@ class SearchLengths:
 
 def resolve_lengths(cfg: SearchConfig, context: int) -> SearchLengths:
     """Defaults span the prompts a server sees: profiling from 512 tokens, validation
-    at 256 and beyond the longest profile, budgets up to the context."""
+    below the shortest profile (384: still above where sinks + ``min_window`` fill a
+    0.5 budget, so plans differ there) and beyond the longest, budgets from 256
+    tokens up to the context."""
     profile = sorted(cfg.lengths or _doublings(512, min(context // 2, 16384)))
     validate = sorted(cfg.validate_lengths if cfg.validate_lengths is not None else
-                      {256, min(context, profile[-1] * 3 // 2)} - set(profile))
+                      {profile[0] * 3 // 4, min(context, profile[-1] * 3 // 2)} - set(profile))
     samples = cfg.samples or [default_samples(n) for n in profile]
     vsamples = cfg.validate_samples or [max(2, 4096 // n) for n in validate]
     if len(samples) != len(profile) or len(vsamples) != len(validate):
         raise ValueError("--samples and --validate-samples need one count per length")
     density = sorted(set(cfg.density_lengths or
-                         (profile + validate + objective_lengths(context))))
+                         (profile + validate + [256] + objective_lengths(context))))
     return SearchLengths(profile, samples, validate, vsamples, density)
 
 
