@@ -6,8 +6,13 @@ For each prompt length L: N requests of L random tokens, 128 output tokens each
 KV bytes held per request at steady decode (read from vLLM's block pool) and its
 fraction of the dense need, and the MoA/dense ratios.
 
-CPU (this machine): SmolLM2 + a shipped plan. GPU: a Llama-3-8B-shaped model with
-`--load-format dummy` (needs a CUDA vLLM).  `--smoke`: tiny model, short lengths.
+CPU (this machine): SmolLM2 + a shipped plan. The smoke test runs it on the tiny
+model at 1k tokens.
+
+Peak concurrent requests measure admission only when requests overlap: with a
+chunk (`--max-num-batched-tokens`) small against the prompt, one prompt prefills at
+a time, so the output must outlast the next prompts' prefill (e.g. 8k prompts,
+chunk 512, 64 output tokens) or a third request never meets the first two.
 
     python benchmarks/decode_throughput.py --model .models/smollm2 \\
         --plan plans/smollm2-135m-uniform-0.5.json --lengths 2048,4096,8192

@@ -78,3 +78,17 @@ def test_plan_search_on_qwen3(tiny_model_of, tmp_path):
     assert plan.model.architecture == "Qwen3ForCausalLM"
     assert plan.provenance.details["validation"]["relative_loss"] is not None
     assert generate_with(model_dir, plan, tmp_path) == 4
+
+
+def test_default_lengths_span_short_prompts_to_the_context():
+    from moa_vllm.planner.pipeline import SearchConfig, resolve_lengths
+
+    lengths = resolve_lengths(SearchConfig(model="m", density=0.5, out="o"), 8192)
+    assert lengths.profile == [512, 1024, 2048, 4096]
+    assert lengths.validate == [384, 6144]  # unseen: shorter and longer
+    assert lengths.density[0] == 256 and lengths.density[-1] == 8192
+    assert set(lengths.profile + lengths.validate) <= set(lengths.density)
+    long = resolve_lengths(SearchConfig(model="m", density=0.5, out="o"), 131072)
+    assert long.profile[-1] == 16384 and long.validate[-1] == 24576
+    assert resolve_lengths(SearchConfig(model="m", density=0.5, out="o",
+                                        validate_lengths=[]), 8192).validate == []
