@@ -25,6 +25,7 @@ PASSAGE = (
 )
 FACT = "The keeper's cat was called Biscuit, and she slept on the logbook."
 QUESTION = "What was the keeper's cat called?"
+ANSWER = "Biscuit"
 BLOCK_SIZE = 16
 
 
@@ -104,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         })
         usage = reply["usage"]
         print(f"Q ({usage['prompt_tokens']} prompt tokens): {QUESTION}")
-        print(f"A: {reply['choices'][0]['message']['content'].strip()}")
+        answer = reply["choices"][0]["message"]["content"].strip()
+        print(f"A: {answer}")
+        print(f"(the passage says {ANSWER}: the answer "
+              f"{'names it' if ANSWER.lower() in answer.lower() else 'misses it'})")
         time.sleep(1)  # the engine flushes its counters when a request finishes
         freed = blocks_freed(http(f"{base}/metrics"))
         if freed:
