@@ -26,6 +26,7 @@ from moa_vllm.plan import Plan, fingerprint_from_hf_config, load_plan, uniform_p
 from moa_vllm.plan_report import density_table
 
 TOP_K = 20  # vLLM's logprobs cap: fidelity is measured on the dense top-20
+EVAL_DTYPE = "float32"  # every engine's dtype, and the dense cache KV@n is measured against
 MOA_BLOCK_SIZE = 16  # the MoA engines' block size (dense uses vLLM's CPU default, 128)
 
 
@@ -81,7 +82,7 @@ def start_engine(model_dir, method: Method, workdir: Path, max_model_len: int):
     """One engine per method; a MoA plan is handed over in ``additional_config``."""
     from vllm import LLM
 
-    options = dict(model=str(model_dir), dtype="float32", enforce_eager=True,
+    options = dict(model=str(model_dir), dtype=EVAL_DTYPE, enforce_eager=True,
                    max_model_len=max_model_len, max_num_seqs=4, seed=0,
                    kv_cache_memory_bytes=int(envs.get(envs.MOA_EVAL_KV_BYTES)),
                    max_logprobs=TOP_K)
@@ -170,7 +171,7 @@ def run_eval(model_dir, methods: list[Method], tasks, lengths, depths, samples: 
     context = AutoConfig.from_pretrained(model_dir).max_position_embeddings
     max_len = min(context, max([*lengths, *fidelity_lengths]) + 256)
     answer = SamplingParams(temperature=0, max_tokens=16)
-    per_token = kv_bytes_per_token(model_dir, "float32")
+    per_token = kv_bytes_per_token(model_dir, EVAL_DTYPE)
     scoring = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=TOP_K)
     results, dense_logprobs = [], None
     plans_dir = tempfile.TemporaryDirectory(prefix="moa-eval-")  # the methods' plan files
