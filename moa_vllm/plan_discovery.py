@@ -76,7 +76,7 @@ def _preference(candidate: tuple[Path, Plan]) -> tuple:
     path, plan = candidate
     details = plan.provenance.details
     budget = details.get("density") or average_density(plan, plan.model.max_position_embeddings)
-    loss = (details.get("validation") or {}).get("relative_loss")
+    loss = (details.get("validation") or {}).get("loss_vs_uniform")
     return (plan.provenance.method != "moa-search", -round(float(budget), 4),
             float("inf") if loss is None else float(loss), path.name)
 

@@ -54,7 +54,7 @@ def test_of_several_shipped_plans_the_best_searched_one_serves(dirs):
     for name, density, loss in (("b-0.25", 0.25, 0.5), ("c-0.5", 0.5, 0.9), ("d-0.5", 0.5, 0.8)):
         plan = uniform_plan(FP, density)
         plan.provenance.method = "moa-search"
-        plan.provenance.details = {"density": density, "validation": {"relative_loss": loss}}
+        plan.provenance.details = {"density": density, "validation": {"loss_vs_uniform": loss}}
         plan.save(plans_dir / f"{name}.json")
     found = resolve_plan(model_dir, FP)
     assert found.source.endswith("d-0.5.json")

@@ -14,7 +14,11 @@ count per rule:
 * average density at every length ``p`` of interest (the per-head terms of
   ``span_classes.average_density``): ``sum x * dens[r, p] <= budget[p] * slots``;
 * allocated density (the block pool): ``sum x * held[r, p] <= alloc[p] * slots *
-  dense_blocks[p]``, exact for single-rule classes.
+  dense_blocks[p]``, exact for single-rule classes;
+* the budget is also spent: ``sum x * dens[r, p] >= (budget[p] - slack) * slots``.
+  Without it the loss-optimal plans of long prompts give heads rules like
+  ``W = N - 1024`` that collapse to ``min_window`` below ~1k tokens, and the short
+  prompts most requests are lose retrieval to leave budget unused.
 
 Budgets are ``max(density, the smallest density any rule reaches at p)``: at a
 few hundred tokens the sinks and ``min_window`` alone can exceed the budget, and
@@ -45,6 +49,7 @@ class Problem:
     density: float
     allocated_density: float
     num_classes: int
+    budget_slack: float | None = None  # None: the budget is a ceiling only
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -58,6 +63,13 @@ class Problem:
     @property
     def allocated_budget(self) -> np.ndarray:
         return np.maximum(self.allocated_density, self.held.min(0) / self.dense_blocks)
+
+    @property
+    def spent_budget(self) -> np.ndarray:
+        """``[P_cost]``: the least average density a plan spends (0: no floor)."""
+        if self.budget_slack is None:
+            return np.zeros(self.dens.shape[1])
+        return np.minimum(self.density_budget - self.budget_slack, self.dens.max(0))
 
 
 @dataclass
@@ -116,7 +128,7 @@ class HeadClassMILP:
                   np.concatenate([np.ones(slots), [-size]]), 0, 0)
         all_x = np.arange(nx)
         for p in range(prob.dens.shape[1]):
-            b.add(all_x, np.tile(prob.dens[:, p], slots), -np.inf,
+            b.add(all_x, np.tile(prob.dens[:, p], slots), prob.spent_budget[p] * slots,
                   prob.density_budget[p] * slots)
             b.add(all_x, np.tile(prob.held[:, p], slots), -np.inf,
                   prob.allocated_budget[p] * slots * prob.dense_blocks[p])

@@ -57,11 +57,16 @@ class SearchConfig:
         None, "profiling lengths, each one loss the Pareto sweep trades (default: 512 "
         "doubling up to half the context, at most 16384: short prompts are most requests)")
     validate_lengths: list[int] | None = _opt(
-        None, "unseen validation lengths the plan is chosen on (default: 3/4 of the shortest "
-        "and 1.5x the longest profiled length within the context; empty: no validation)")
+        None, "unseen validation lengths the plan is chosen on (default: 3/4 and 3/2 of the "
+        "shortest and 3/2 of the longest profiled length within the context; empty: no "
+        "validation)")
     density_lengths: list[int] | None = _opt(
         None, "lengths the densities are constrained at (default: profiling and validation "
         "lengths, and 512 up to the context at powers of two and halfway between)")
+    budget_slack: float = _opt(
+        0.05, "every length of interest spends at least the density budget minus this, so "
+        "no head class gives up its span at short prompts to save budget nobody uses "
+        "(1: the budget is a ceiling only)")
     allocated_density: float | None = _opt(
         None, "budget of the runtime's allocated density, the KV blocks vLLM holds "
         "(default: --density; head classes of one rule each hold the average density)")
@@ -78,7 +83,7 @@ class SearchConfig:
     samples: list[int] | None = _opt(None, "calibration samples per profiling length "
                                      "(default: about 16k tokens per length)")
     validate_samples: list[int] | None = _opt(
-        None, "validation samples per validation length (default: about 4k tokens, at "
+        None, "validation samples per validation length (default: about 8k tokens, at "
         "least 2)")
     answer_tokens: int = _opt(64, "dense answer tokens (targets)")
     dataset: str | None = _opt(None, 'JSONL of {"prompt","answer"}, {"prompt"} or {"text"}')
@@ -128,15 +133,16 @@ class SearchLengths:
 
 
 def resolve_lengths(cfg: SearchConfig, context: int) -> SearchLengths:
-    """Defaults span the prompts a server sees: profiling from 512 tokens, validation
+    """Defaults span the prompts a server sees: profiling from 512 tokens; validation
     below the shortest profile (384: still above where sinks + ``min_window`` fill a
-    0.5 budget, so plans differ there) and beyond the longest, budgets from 256
-    tokens up to the context."""
+    0.5 budget, so plans differ there), between the two shortest (most requests are
+    short) and beyond the longest; budgets from 256 tokens up to the context."""
     profile = sorted(cfg.lengths or _doublings(512, min(context // 2, 16384)))
     validate = sorted(cfg.validate_lengths if cfg.validate_lengths is not None else
-                      {profile[0] * 3 // 4, min(context, profile[-1] * 3 // 2)} - set(profile))
+                      {profile[0] * 3 // 4, profile[0] * 3 // 2,
+                       min(context, profile[-1] * 3 // 2)} - set(profile))
     samples = cfg.samples or [default_samples(n) for n in profile]
-    vsamples = cfg.validate_samples or [max(2, 4096 // n) for n in validate]
+    vsamples = cfg.validate_samples or [max(2, 8192 // n) for n in validate]
     if len(samples) != len(profile) or len(vsamples) != len(validate):
         raise ValueError("--samples and --validate-samples need one count per length")
     density = sorted(set(cfg.density_lengths or
@@ -310,7 +316,8 @@ def _problem(run: _Run, profiles: dict, profile_info: dict):
         ])
         dens, held, dense = cost_tables(rules, lengths, cfg.sink_tokens, cfg.min_window,
                                         cfg.elastic, cfg.block_size)
-    prob = Problem(losses, dens, held, dense, cfg.density, _alloc_budget(cfg), run.num_classes)
+    prob = Problem(losses, dens, held, dense, cfg.density, _alloc_budget(cfg), run.num_classes,
+                   cfg.budget_slack)
     return rules, losses, prob
 
 
@@ -328,8 +335,10 @@ def _pareto_front(run: _Run, rules, losses, prob) -> tuple[list, list]:
 
     def verify(choice) -> bool:
         table = density_table(run.make_plan(rules, choice), lengths, cfg.block_size)
-        return all(d.average_density <= avg + 1e-9 and d.allocated_density <= alloc + 1e-9
-                   for d, avg, alloc in zip(table, prob.density_budget, prob.allocated_budget))
+        return all(spent - 1e-9 <= d.average_density <= avg + 1e-9
+                   and d.allocated_density <= alloc + 1e-9
+                   for d, avg, alloc, spent in zip(table, prob.density_budget,
+                                                   prob.allocated_budget, prob.spent_budget))
 
     def compute():
         program = HeadClassMILP(prob, verify, cfg.time_limit, cfg.mip_rel_gap)
@@ -341,10 +350,10 @@ def _pareto_front(run: _Run, rules, losses, prob) -> tuple[list, list]:
             {"choices": np.stack([s.choice for s in sols])}
 
     key = {"losses": _hash(losses.round(12).tolist()), "dl": lengths, "density": cfg.density,
-           "alloc": _alloc_budget(cfg), "classes": run.num_classes, "grid": cfg.pareto_grid,
+           "alloc": _alloc_budget(cfg), "slack": cfg.budget_slack, "classes": run.num_classes, "grid": cfg.pareto_grid,
            "tl": cfg.time_limit, "gap": cfg.mip_rel_gap, "rules": [r.as_tuple() for r in rules],
            "elastic": cfg.elastic, "sink": cfg.sink_tokens, "minw": cfg.min_window,
-           "bs": cfg.block_size, "milp_version": 2}
+           "bs": cfg.block_size, "milp_version": 3}
     value, arrays = run.cache.get("milp", key, compute)
     front = list(zip(arrays["choices"], map(np.array, value["objectives"])))
     solve_log = value["log"]
@@ -384,11 +393,13 @@ def _validate(run: _Run, plans: list[Plan | None]) -> dict[int, list[float]]:
 
 
 def choose(scores: dict[int, list[float]]) -> tuple[int, list[float]]:
-    """The plan (index after dense and the uniform window) with the least mean
-    relative loss over dense across the validation lengths, and every plan's score."""
-    rel = np.array([np.array(v[2:]) / max(v[0], 1e-9) for v in scores.values()])
-    mean = rel.mean(0)
-    return int(np.argmin(mean)), [float(x) for x in mean]
+    """The plan (index after dense and the uniform window) whose worst loss relative
+    to the equal-density uniform window over the validation lengths is least, and
+    every plan's score: a plan must hold at every length, so a gain at long prompts
+    cannot buy a loss at short ones (a mean would let it)."""
+    rel = np.array([np.array(v[2:]) / max(v[1], 1e-9) for v in scores.values()])
+    worst = rel.max(0)
+    return int(np.argmin(worst)), [float(x) for x in worst]
 
 
 def run_search(cfg: SearchConfig) -> Plan:
@@ -419,6 +430,7 @@ def run_search(cfg: SearchConfig) -> Plan:
     details = {
         "density": cfg.density,
         "allocated_density_budget": _alloc_budget(cfg),
+        "budget_slack": cfg.budget_slack,
         "density_lengths": lengths.density,
         "block_size": cfg.block_size,
         "profile_lengths": lengths.profile,
@@ -437,11 +449,11 @@ def run_search(cfg: SearchConfig) -> Plan:
                    "total_solver_s": round(sum(e["seconds"] for e in solve_log), 2)},
         "pareto": [{"objectives": [round(float(x), 6) for x in o],
                     "validation_losses": {str(n): round(v[2 + i], 6) for n, v in scores.items()},
-                    "relative_loss": round(relative[i], 6) if relative else None}
+                    "loss_vs_uniform": round(relative[i], 6) if relative else None}
                    for i, (_, o) in enumerate(front)],
         "validation": {
             "lengths": lengths.validate, "samples": lengths.validate_samples, "chosen": best,
-            "relative_loss": relative[best] if relative else None,
+            "loss_vs_uniform": relative[best] if relative else None,
             "per_length": {str(n): {"dense_loss": v[0], "uniform_loss": v[1],
                                     "chosen_loss": v[2 + best]} for n, v in scores.items()}},
         "stage_seconds": run.cache.seconds,

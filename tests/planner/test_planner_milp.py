@@ -98,6 +98,23 @@ def test_budget_floor_at_short_lengths():
     assert average_density(plan, 2048) <= 0.25 + 1e-9
 
 
+def test_the_budget_is_spent_at_every_length():
+    """With a slack the plan's density lies in [budget - slack, budget] at every
+    length of interest; without, this profile's optimum leaves budget unused."""
+    density = 0.5
+    prob, rules = random_problem(4, 2, LENGTHS, DENSITY_LENGTHS, density, CTX, seed=6,
+                                 max_span_classes=4)
+    unused = HeadClassMILP(prob, None, time_limit=20).solve(np.array([0.0, 1.0]))
+    assert min(average_density(_plan(4, 2, rules, unused.choice, 4), n)
+               for n in DENSITY_LENGTHS) < density - 0.05
+    prob.budget_slack = 0.05
+    sol = HeadClassMILP(prob, None, time_limit=20).solve(np.array([0.0, 1.0]))
+    assert sol.status == 0
+    plan = _plan(4, 2, rules, sol.choice, 4)
+    for n in DENSITY_LENGTHS:
+        assert density - 0.05 - 1e-9 <= average_density(plan, n) <= density + 1e-9
+
+
 def test_single_rule_classes_need_multiples_of_the_class_size():
     rules = [Rule(128, 0.0), Rule(0, 0.5)]
     choice = np.array([[0, 1], [1, 1], [0, 0], [1, 0]])  # 4 + 4 slots: classes of 2 or 4
