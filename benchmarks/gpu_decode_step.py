@@ -233,7 +233,8 @@ def read_bytes(plan, batch, context, element) -> int:
     from moa_vllm.span_classes import head_density
 
     D = plan.model.head_dim
-    tokens = sum(head_density(a, b, context, plan.sink_tokens, plan.min_window, plan.elastic)
+    tokens = sum(head_density(a, b, context, plan.sink_tokens, plan.min_window, plan.elastic,
+                              plan.granule)
                  * context for row in plan.rules for a, b in row)
     return int(batch * tokens * 2 * D * element)
 

@@ -75,6 +75,9 @@ class Plan(BaseModel):
     sink_tokens: int = Field(ge=0)
     elastic: ElasticMode
     min_window: int = Field(ge=1)
+    granule: int = Field(default=1, ge=1)
+    """Window starts are rounded down to multiples of this many tokens
+    (``span_mask``); 1: token-exact, as every plan before it was."""
     max_span_classes: int = Field(default=4, ge=1)
     """Head classes (KV-cache groups) at most: the runtime uses the largest count
     that splits the (layer, KV head) slots evenly."""
@@ -106,6 +109,9 @@ class Plan(BaseModel):
                         f"rules[{layer}][{head}]: beta must be a number in [0, 1], "
                         f"got {beta}"
                     )
+        if self.sink_tokens % self.granule:
+            raise ValueError(f"sink_tokens ({self.sink_tokens}) must be a multiple of the "
+                             f"granule ({self.granule})")
         if self.head_classes is not None:
             self._check_head_classes(shape)
         return self
@@ -134,6 +140,7 @@ class Plan(BaseModel):
             sink_tokens=self.sink_tokens,
             min_window=self.min_window,
             elastic=self.elastic,
+            granule=self.granule,
         )
 
     def to_json(self) -> str:
@@ -232,6 +239,7 @@ def uniform_plan(
     elastic: ElasticMode = "position",
     min_window: int = 64,
     grow: bool = False,
+    granule: int = 1,
 ) -> Plan:
     """StreamingLLM-style baseline: the same window for every head.
 
@@ -256,6 +264,7 @@ def uniform_plan(
         sink_tokens=sink_tokens,
         elastic=elastic,
         min_window=min_window,
+        granule=granule,
         rules=[[rule] * model.num_kv_heads for _ in range(model.num_layers)],
         provenance=Provenance(method="uniform", created=now_iso(), details=details),
     )

@@ -48,6 +48,7 @@ class PlanReport(BaseModel):
     elastic: str
     sink_tokens: int
     min_window: int
+    granule: int = 1
     head_classes: list[HeadClassReport]
     block_size: int
     densities: list[DensityAt]
@@ -85,7 +86,7 @@ def plan_report(plan: Plan, source: str, how: str, block_size: int,
     return PlanReport(
         source=source, how=how, model=plan.model, provenance=plan.provenance,
         elastic=plan.elastic, sink_tokens=plan.sink_tokens, min_window=plan.min_window,
-        head_classes=class_reports(classes, lengths, block_size), block_size=block_size,
+        granule=plan.granule, head_classes=class_reports(classes, lengths, block_size), block_size=block_size,
         densities=density_table(plan, lengths, block_size, classes),
     )
 
@@ -101,6 +102,7 @@ def banner(report: PlanReport) -> str:
     lines = [
         f"MoA plan: {report.source} (from {report.how}; {report.provenance.method}, "
         f"elastic={report.elastic}, {report.sink_tokens} sinks, "
+        + (f"granule {report.granule}, " if report.granule > 1 else "") +
         f"{len(report.head_classes)} head classes of {len(report.head_classes[0].slots)} "
         "(layer, KV head) slots)",
     ]

@@ -47,6 +47,7 @@ class HeadClass:
     sink_tokens: int
     min_window: int
     elastic: ElasticMode
+    granule: int = 1
 
     def window(self, n: int) -> int:
         """The widest window of the class at elastic length ``n``."""
@@ -61,7 +62,7 @@ class HeadClass:
         """
         t = processed_tokens
         w = self.window(elastic_length(t, prompt_len, self.elastic))
-        first_needed = first_needed_position(t, w, self.sink_tokens)
+        first_needed = first_needed_position(t, w, self.sink_tokens, self.granule)
         return cdiv(self.sink_tokens, block_size), first_needed // block_size
 
     def held_blocks(self, num_tokens: int, prompt_len: int, block_size: int) -> int:
@@ -71,10 +72,11 @@ class HeadClass:
 
     def peak_blocks(self, prompt_len: int, in_flight_tokens: int, block_size: int) -> int:
         """Most blocks a request with this prompt holds while its prompt is computed
-        (sinks + the widest window at the prompt's length + the in-flight chunk):
-        its admission cap, as vLLM's sliding-window manager has one."""
+        (sinks + the widest window at the prompt's length, rounded down to the
+        granule, + the in-flight chunk): its admission cap, as vLLM's
+        sliding-window manager has one."""
         window = self.window(prompt_len)  # windows never shrink as N grows
-        tokens = min(prompt_len, window - 1 + in_flight_tokens)
+        tokens = min(prompt_len, window - 1 + self.granule - 1 + in_flight_tokens)
         return min(cdiv(prompt_len, block_size),
                    cdiv(self.sink_tokens, block_size) + cdiv(tokens, block_size) + 1)
 
@@ -129,7 +131,7 @@ class _Objective:
         bs = ASSIGNMENT_BLOCK_SIZE
         self.held = np.array([
             [HeadClass(0, (s,), rules[s], plan.sink_tokens, plan.min_window,
-                       plan.elastic).held_blocks(n, n, bs) for n in lengths]
+                       plan.elastic, plan.granule).held_blocks(n, n, bs) for n in lengths]
             for s in slots], dtype=np.float64)  # [slots, lengths]
         self.weight = 1.0 / np.array([cdiv(n, bs) for n in lengths], dtype=np.float64)
 
@@ -273,7 +275,7 @@ def head_classes(plan: Plan, assignment: list[list[int]], tp_size: int = 1
             members.setdefault(c, []).append((layer, j))
     return tuple(
         HeadClass(c, tuple(members[c]), tuple(sorted({r for s in members[c] for r in rules[s]})),
-                  plan.sink_tokens, plan.min_window, plan.elastic)
+                  plan.sink_tokens, plan.min_window, plan.elastic, plan.granule)
         for c in sorted(members))
 
 
@@ -283,19 +285,20 @@ def assign_head_classes(plan: Plan, tp_size: int = 1,
 
 
 def head_density(alpha: int, beta: float, length: int, sink_tokens: int, min_window: int,
-                 elastic: ElasticMode) -> float:
+                 elastic: ElasticMode, granule: int = 1) -> float:
     """Fraction of a ``length``-token KV cache that the next query of one head still
     reads (token granularity, what the kernels read)."""
     n = elastic_length(length, length, elastic)
     w = window_size(alpha, quantize_beta(beta), n, min_window)
-    first = first_needed_position(length, w, sink_tokens)
+    first = first_needed_position(length, w, sink_tokens, granule)
     kept = min(sink_tokens, length) + max(0, length - first)
     return min(kept, length) / length
 
 
 def average_density(plan: Plan, length: int) -> float:
     """Mean ``head_density`` over every KV head of the plan."""
-    total = sum(head_density(alpha, beta, length, plan.sink_tokens, plan.min_window, plan.elastic)
+    total = sum(head_density(alpha, beta, length, plan.sink_tokens, plan.min_window,
+                             plan.elastic, plan.granule)
                 for row in plan.rules for alpha, beta in row)
     return total / (plan.model.num_layers * plan.model.num_kv_heads)
 

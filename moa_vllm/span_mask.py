@@ -2,8 +2,13 @@
 planner and the KV-cache manager.
 
 A query at absolute position ``t`` attends to key ``j`` iff ``j <= t`` and
-(``j < sink_tokens`` or ``t - j < W``) with
-``W = max(min_window, alpha + ceil(beta * N))``.
+(``j < sink_tokens`` or ``j >= start``) with
+``W = max(min_window, alpha + ceil(beta * N))`` and the window start
+``start = floor((t - W + 1) / g) * g``: rounded *down* to the plan's granule ``g``,
+so a head never sees less than its rule gives. ``g = 1`` is token-exact
+(``t - j < W``); with ``g`` a multiple of the KV block size (and ``sink_tokens`` a
+multiple of ``g``) a decode query reads whole blocks only, which a stock dense
+attention op can serve over a compacted block table.
 
 ``alpha`` is an integer number of tokens and ``beta`` is applied in fixed point
 (``beta_q = round(beta * BETA_SCALE)``), so every implementation (torch, Triton,
@@ -56,15 +61,21 @@ def elastic_lengths(
     return torch.full_like(q_pos, prompt_len)
 
 
+def window_start(position, window, granule: int = 1):
+    """First key of the window (may be negative: the window reaches the start);
+    works on ints, numpy and torch."""
+    return (position - window + 1) // granule * granule
+
+
 def first_needed_position(
-    position: int, window: int, sink_tokens: int
+    position: int, window: int, sink_tokens: int, granule: int = 1
 ) -> int:
     """First non-sink key a query at ``position`` still reads.
 
     Window starts never move backwards for ``0 <= beta <= 1``, so every key below
     this (and above the sinks) is dead for all later queries of the request.
     """
-    return max(sink_tokens, position - window + 1)
+    return max(sink_tokens, window_start(position, window, granule))
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,7 @@ class LayerSpans:
     sink_tokens: int
     min_window: int
     elastic: ElasticMode
+    granule: int = 1
 
     def to(self, device: torch.device | str) -> LayerSpans:
         return LayerSpans(
@@ -84,6 +96,7 @@ class LayerSpans:
             self.sink_tokens,
             self.min_window,
             self.elastic,
+            self.granule,
         )
 
     def windows(self, n: torch.Tensor) -> torch.Tensor:
@@ -100,13 +113,13 @@ class LayerSpans:
         w = self.windows(n)[:, :, None]
         t = q_pos.to(torch.int64)[None, :, None]
         j = k_pos.to(torch.int64)[None, None, :]
-        return (j <= t) & ((j < self.sink_tokens) | (t - j < w))
+        return (j <= t) & ((j < self.sink_tokens) | (j >= window_start(t, w, self.granule)))
 
     def key_positions(self, first_query: int, first_n: int, seq_len: int) -> torch.Tensor:
         """Keys a chunk of queries starting at ``first_query`` may read: the sinks and
         everything from the widest head's window start on. Window starts never
         move backwards, so later queries of the chunk need nothing earlier."""
         widest = int(self.windows(torch.tensor([first_n])).max())
-        start = first_needed_position(first_query, widest, self.sink_tokens)
+        start = first_needed_position(first_query, widest, self.sink_tokens, self.granule)
         sinks = torch.arange(min(self.sink_tokens, seq_len))
         return torch.cat([sinks, torch.arange(min(start, seq_len), seq_len)])

@@ -16,7 +16,8 @@ def model_fingerprint(model_dir):
     return fingerprint_from_hf_config(AutoConfig.from_pretrained(model_dir))
 
 
-def heterogeneous_plan(model_dir, elastic: str, seed: int = 0, sink_tokens: int = 16):
+def heterogeneous_plan(model_dir, elastic: str, seed: int = 0, sink_tokens: int = 16,
+                       granule: int = 1):
     """Different rules per KV head (some elastic), small enough that spans cut
     prompts of a few hundred tokens."""
     from moa_vllm.plan import PLAN_VERSION, Plan, Provenance, now_iso
@@ -30,7 +31,7 @@ def heterogeneous_plan(model_dir, elastic: str, seed: int = 0, sink_tokens: int 
     ]
     return Plan(
         version=PLAN_VERSION, model=fp, sink_tokens=sink_tokens, elastic=elastic,
-        min_window=8, rules=rules,
+        min_window=8, granule=granule, rules=rules,
         provenance=Provenance(method="test-random", created=now_iso(), details={"seed": seed}),
     )
 

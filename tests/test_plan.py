@@ -40,6 +40,8 @@ def test_roundtrip(tmp_path):
         (lambda d: d["rules"][1].__setitem__(0, [4, -0.1]), "rules[1][0]: beta"),
         (lambda d: d.__setitem__("sink_tokens", -1), "sink_tokens"),
         (lambda d: d.__setitem__("min_window", 0), "min_window"),
+        (lambda d: d.__setitem__("granule", 0), "granule"),
+        (lambda d: d.__setitem__("granule", 48), "sink_tokens (64) must be a multiple of the granule (48)"),
         (lambda d: d.__setitem__("version", 2), "unsupported plan version 2"),
         (lambda d: d.__setitem__("elastic", "sometimes"), "elastic"),
         (lambda d: d.__setitem__("colour", "red"), "colour"),
@@ -55,6 +57,13 @@ def test_bad_plans_say_what_and_where(mutate, where):
     assert message.startswith("p.json: ")
     assert where in message
     assert "\n" not in message
+
+
+def test_plans_without_a_granule_are_token_exact():
+    data = good()
+    del data["granule"]
+    plan = plan_from_dict(data, "old.json")
+    assert plan.granule == 1 and plan.layer_spans(0).granule == 1
 
 
 def test_nan_in_json_file(tmp_path):

@@ -20,7 +20,7 @@ from moa_vllm.span_mask import quantize_beta, window_size
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def random_plan(num_layers=30, num_kv_heads=3, seed=0, elastic="position") -> Plan:
+def random_plan(num_layers=30, num_kv_heads=3, seed=0, elastic="position", granule=1) -> Plan:
     rng = random.Random(seed)
     fp = ModelFingerprint(
         architecture="LlamaForCausalLM", num_layers=num_layers, num_attention_heads=9,
@@ -32,7 +32,7 @@ def random_plan(num_layers=30, num_kv_heads=3, seed=0, elastic="position") -> Pl
         for _ in range(num_layers)
     ]
     return Plan(version=PLAN_VERSION, model=fp, sink_tokens=64, elastic=elastic,
-                min_window=128, rules=rules,
+                min_window=128, granule=granule, rules=rules,
                 provenance=Provenance(method="test", created="now"))
 
 
@@ -122,16 +122,18 @@ def brute_force_held_blocks(plan, slots, length, block_size):
         for alpha, beta in [plan.rules[layer][head]]:
             n = length + 1 if plan.elastic == "position" else length
             w = window_size(alpha, quantize_beta(beta), n, plan.min_window)
+            start = (length - w + 1) // plan.granule * plan.granule  # floor
             for j in range(length):
-                if j < plan.sink_tokens or length - j < w:
+                if j < plan.sink_tokens or j >= start:
                     needed.add(j // block_size)
     return needed
 
 
 @pytest.mark.parametrize("elastic", ["position", "prompt"])
 @pytest.mark.parametrize("length", [100, 1000, 3000, 8000])
-def test_held_blocks_cover_every_needed_block(elastic, length):
-    plan = random_plan(seed=1, elastic=elastic)
+@pytest.mark.parametrize("granule", [1, 64])
+def test_held_blocks_cover_every_needed_block(elastic, length, granule):
+    plan = random_plan(seed=1, elastic=elastic, granule=granule)
     bs = 16
     for c in assign_head_classes(plan, max_classes=9):
         needed = brute_force_held_blocks(plan, c.slots, length, bs)

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,11 +14,11 @@ from moa_vllm.span_mask import (
 )
 
 
-def spans(alphas, betas, sink=4, min_window=2, elastic="position"):
+def spans(alphas, betas, sink=4, min_window=2, elastic="position", granule=1):
     return LayerSpans(
         torch.tensor(alphas, dtype=torch.int32),
         torch.tensor([quantize_beta(b) for b in betas], dtype=torch.int32),
-        sink, min_window, elastic,
+        sink, min_window, elastic, granule,
     )
 
 
@@ -44,6 +45,37 @@ def test_mask_matches_definition():
                 assert bool(mask[h, i, j]) == expected, (h, t, j)
 
 
+@pytest.mark.parametrize("granule", [1, 16, 64])
+@pytest.mark.parametrize("elastic", ["position", "prompt"])
+@pytest.mark.parametrize("sink_granules", [0, 1])
+def test_granule_mask_matches_definition(granule, elastic, sink_granules):
+    """Window starts rounded down to the granule, from the written-out definition;
+    windows smaller than the granule, sinks 0 and = granule, a chunk of queries."""
+    sink = sink_granules * granule
+    rules = [(3, 0.0), (0, 0.5), (100, 0.25), (-40, 1.0)]  # 3 < granule: narrower
+    s = spans([a for a, _ in rules], [b for _, b in rules], sink=sink, min_window=1,
+              elastic=elastic, granule=granule)
+    prompt_len = 150
+    q_pos = torch.arange(120, 200)  # a chunk of prefill past the prompt start
+    k_pos = torch.arange(200)
+    n = q_pos + 1 if elastic == "position" else torch.full_like(q_pos, prompt_len)
+    mask = s.mask(q_pos, k_pos, n)
+    for h, (alpha, beta) in enumerate(rules):
+        for i, t in enumerate(q_pos.tolist()):
+            big_n = t + 1 if elastic == "position" else prompt_len
+            w = max(1, alpha + math.ceil(beta * big_n))
+            start = math.floor((t - w + 1) / granule) * granule
+            for j in range(200):
+                expected = j <= t and (j < sink or j >= start)
+                assert bool(mask[h, i, j]) == expected, (h, t, j)
+                if granule > 1 and j <= t and t - j < w:
+                    assert mask[h, i, j]  # never less than the token-exact rule
+    if granule > 1:  # and it does widen some windows
+        exact = spans([a for a, _ in rules], [b for _, b in rules], sink=sink, min_window=1,
+                      elastic=elastic).mask(q_pos, k_pos, n)
+        assert (mask & ~exact).any() and not (exact & ~mask).any()
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     alpha=st.integers(-64, 256),
@@ -51,17 +83,22 @@ def test_mask_matches_definition():
     sink=st.integers(0, 64),
     min_window=st.integers(1, 64),
     t=st.integers(0, 5000),
+    granule=st.sampled_from([1, 16, 64]),
 )
-def test_window_start_never_moves_back_in_position_mode(alpha, beta, sink, min_window, t):
+def test_window_start_never_moves_back_in_position_mode(alpha, beta, sink, min_window, t,
+                                                         granule):
     """The property KV freeing relies on: what is dead stays dead."""
     bq = quantize_beta(beta)
-    now = first_needed_position(t, window_size(alpha, bq, t + 1, min_window), sink)
-    nxt = first_needed_position(t + 1, window_size(alpha, bq, t + 2, min_window), sink)
+    now = first_needed_position(t, window_size(alpha, bq, t + 1, min_window), sink, granule)
+    nxt = first_needed_position(t + 1, window_size(alpha, bq, t + 2, min_window), sink,
+                                granule)
     assert nxt >= now
 
 
-def test_key_positions_cover_every_allowed_key():
-    s = spans([5, 20], [0.0, 0.25], sink=3, min_window=2)
+@pytest.mark.parametrize("granule", [1, 16])
+def test_key_positions_cover_every_allowed_key(granule):
+    s = spans([5, 20], [0.0, 0.25], sink=0 if granule > 1 else 3, min_window=2,
+              granule=granule)
     seq_len, q_len = 200, 30
     q_pos = torch.arange(seq_len - q_len, seq_len)
     k_pos = s.key_positions(int(q_pos[0]), int(q_pos[0]) + 1, seq_len)

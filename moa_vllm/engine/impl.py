@@ -134,7 +134,7 @@ class MoaAttentionImpl(AttentionImpl):
             min_window=spans.min_window, elastic_position=spans.elastic == "position",
             prompt_lens=md.prompt_lens, scale=self.scale, output=output,
             max_query_len=md.max_query_len, max_seq_len=md.max_seq_len,
-            head_tables=heads.tables, head_offsets=heads.offsets,
+            head_tables=heads.tables, head_offsets=heads.offsets, granule=spans.granule,
             num_splits=md.num_splits,
         )
 

@@ -37,13 +37,14 @@ class MoaSpanSpec(FullAttentionSpec):
     min_window: int
     elastic: ElasticMode
     in_flight_tokens: int  # tokens scheduled but not settled (admission, sizing)
+    granule: int = 1
 
     _SPAN_FIELDS = ("head_class", "span_rules", "sink_tokens", "min_window", "elastic",
-                    "in_flight_tokens")
+                    "in_flight_tokens", "granule")
 
     def span(self) -> HeadClass:
         return HeadClass(self.head_class, (), self.span_rules, self.sink_tokens,
-                         self.min_window, self.elastic)
+                         self.min_window, self.elastic, self.granule)
 
     def _span_key(self) -> tuple:
         return tuple(getattr(self, f) for f in self._SPAN_FIELDS)
@@ -87,6 +88,7 @@ class MoaSpanSpec(FullAttentionSpec):
             min_window=head_class.min_window,
             elastic=head_class.elastic,
             in_flight_tokens=in_flight_tokens,
+            granule=head_class.granule,
         )
 
 

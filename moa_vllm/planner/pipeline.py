@@ -79,6 +79,9 @@ class SearchConfig:
     block_size: int = _opt(16, "runtime KV block size")
     sink_tokens: int = _opt(64, "sink tokens every head keeps")
     min_window: int = _opt(64, "smallest window of any rule")
+    granule: int = _opt(1, "window starts rounded down to multiples of this many tokens "
+                        "(1: token-exact; a multiple of the KV block size: decode reads "
+                        "whole blocks)")
     profile_block: int = _opt(64, "importance tile size")
     samples: list[int] | None = _opt(None, "calibration samples per profiling length "
                                      "(default: about 16k tokens per length)")
@@ -235,7 +238,7 @@ class _Run:
         table = [[rules[int(r)].as_tuple() for r in row] for row in choice]
         return Plan(
             version=PLAN_VERSION, model=self.fp, sink_tokens=cfg.sink_tokens,
-            elastic=cfg.elastic, min_window=cfg.min_window,
+            elastic=cfg.elastic, min_window=cfg.min_window, granule=cfg.granule,
             max_span_classes=cfg.max_span_classes,
             rules=table,
             head_classes=single_rule_classes(table, self.num_classes,
@@ -311,11 +314,11 @@ def _problem(run: _Run, profiles: dict, profile_info: dict):
         losses = np.stack([
             rule_losses(profiles[n], rules, n, cfg.profile_block, cfg.sink_tokens,
                         cfg.min_window, cfg.elastic,
-                        int(round(profile_info[n]["mean_prompt_len"])))
+                        int(round(profile_info[n]["mean_prompt_len"])), cfg.granule)
             for n in sorted(profiles)
         ])
         dens, held, dense = cost_tables(rules, lengths, cfg.sink_tokens, cfg.min_window,
-                                        cfg.elastic, cfg.block_size)
+                                        cfg.elastic, cfg.block_size, cfg.granule)
     prob = Problem(losses, dens, held, dense, cfg.density, _alloc_budget(cfg), run.num_classes,
                    cfg.budget_slack)
     return rules, losses, prob
@@ -352,7 +355,7 @@ def _pareto_front(run: _Run, rules, losses, prob) -> tuple[list, list]:
     key = {"losses": _hash(losses.round(12).tolist()), "dl": lengths, "density": cfg.density,
            "alloc": _alloc_budget(cfg), "slack": cfg.budget_slack, "classes": run.num_classes, "grid": cfg.pareto_grid,
            "tl": cfg.time_limit, "gap": cfg.mip_rel_gap, "rules": [r.as_tuple() for r in rules],
-           "elastic": cfg.elastic, "sink": cfg.sink_tokens, "minw": cfg.min_window,
+           "elastic": cfg.elastic, "sink": cfg.sink_tokens, "minw": cfg.min_window, "granule": cfg.granule,
            "bs": cfg.block_size, "milp_version": 3}
     value, arrays = run.cache.get("milp", key, compute)
     front = list(zip(arrays["choices"], map(np.array, value["objectives"])))
@@ -380,7 +383,7 @@ def _validate(run: _Run, plans: list[Plan | None]) -> dict[int, list[float]]:
         for plan in tqdm(plans, desc=f"validate {length}", disable=not run.cfg.progress,
                          leave=False):
             spans = None if plan is None else [plan.rules, plan.sink_tokens, plan.elastic,
-                                               plan.min_window]
+                                               plan.min_window, plan.granule]
 
             def compute(plan=plan):
                 model, _ = run.model()
@@ -416,7 +419,8 @@ def run_search(cfg: SearchConfig) -> Plan:
     if lengths.validate:
         # dense and the equal-density uniform window are scored beside the front
         uniform = uniform_plan(run.fp, cfg.density, sink_tokens=cfg.sink_tokens,
-                               elastic=cfg.elastic, min_window=cfg.min_window, grow=True)
+                               elastic=cfg.elastic, min_window=cfg.min_window, grow=True,
+                               granule=cfg.granule)
         scores = _validate(run, [None, uniform] + [run.make_plan(rules, c) for c, _ in front])
         best, relative = choose(scores)
         for n, v in scores.items():

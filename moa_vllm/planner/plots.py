@@ -11,7 +11,8 @@ from moa_vllm.span_classes import head_density
 def span_matrix(plan: Plan, length: int) -> np.ndarray:
     """``[layers, kv_heads]``: fraction of a ``length``-token cache each head reads
     (the terms of ``span_classes.average_density``)."""
-    return np.array([[head_density(alpha, beta, length, plan.sink_tokens, plan.min_window, plan.elastic)
+    return np.array([[head_density(alpha, beta, length, plan.sink_tokens, plan.min_window,
+                                   plan.elastic, plan.granule)
                       for alpha, beta in row] for row in plan.rules])
 
 

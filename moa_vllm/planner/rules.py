@@ -20,14 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moa_vllm.span_classes import cdiv, head_density
+from moa_vllm.span_classes import HeadClass, cdiv, head_density
 from moa_vllm.span_mask import (
     ElasticMode,
     beta_growth,
-    elastic_length,
-    first_needed_position,
     quantize_beta,
     window_size,
+    window_start,
 )
 
 
@@ -92,6 +91,7 @@ def dropped_fraction(
     min_window: int,
     elastic: ElasticMode,
     prompt_len: int | None = None,
+    granule: int = 1,
 ) -> np.ndarray:
     """``[nb, nb]``: fraction of each tile's causal entries the rule's mask drops."""
     t = np.arange(length, dtype=np.int64)
@@ -100,7 +100,7 @@ def dropped_fraction(
     else:
         n = np.full_like(t, prompt_len or length)
     w = np.maximum(min_window, rule.alpha + beta_growth(rule.beta_q, n))
-    lo = np.maximum(0, t - w + 1)  # window keys [lo, t]
+    lo = np.maximum(0, window_start(t, w, granule))  # window keys [lo, t]
     s = np.minimum(sink_tokens, t + 1)  # sink keys [0, s)
     lo = np.maximum(lo, s)  # disjoint union [0, s) + [lo, t]
     nb = cdiv(length, block)
@@ -131,28 +131,31 @@ def rule_losses(
     min_window: int,
     elastic: ElasticMode,
     prompt_len: int | None = None,
+    granule: int = 1,
 ) -> np.ndarray:
     """``[layers, kv_heads, rules]`` loss of each rule on one length's profile."""
     nb = importance.shape[-1]
     out = np.zeros(importance.shape[:2] + (len(rules),))
     flat = importance.reshape(-1, nb * nb)
     for r, rule in enumerate(rules):
-        frac = dropped_fraction(rule, nb * block, block, sink_tokens, min_window, elastic, prompt_len)
+        frac = dropped_fraction(rule, nb * block, block, sink_tokens, min_window, elastic,
+                                prompt_len, granule)
         out[..., r] = (flat @ frac.reshape(-1)).reshape(importance.shape[:2])
     return out
 
 
-def rule_density(rule: Rule, length: int, sink_tokens: int, min_window: int, elastic: ElasticMode) -> float:
+def rule_density(rule: Rule, length: int, sink_tokens: int, min_window: int, elastic: ElasticMode,
+                 granule: int = 1) -> float:
     """The per-head term of ``span_classes.average_density`` at ``length``."""
-    return head_density(rule.alpha, rule.beta, length, sink_tokens, min_window, elastic)
+    return head_density(rule.alpha, rule.beta, length, sink_tokens, min_window, elastic, granule)
 
 
 def rule_held_blocks(
-    rule: Rule, length: int, sink_tokens: int, min_window: int, elastic: ElasticMode, block_size: int
+    rule: Rule, length: int, sink_tokens: int, min_window: int, elastic: ElasticMode, block_size: int,
+    granule: int = 1,
 ) -> int:
-    """``SpanClass.held_blocks`` of a class whose widest rule is this one (held
+    """``HeadClass.held_blocks`` of a class whose widest rule is this one (held
     blocks only grow with the window, so a class holds its widest rule's count)."""
-    n = elastic_length(length, length, elastic)
-    w = rule.window(n, min_window)
-    first, last = cdiv(sink_tokens, block_size), first_needed_position(length, w, sink_tokens) // block_size
-    return cdiv(length, block_size) - max(0, last - first)
+    head_class = HeadClass(0, (), ((rule.alpha, rule.beta_q),), sink_tokens, min_window,
+                           elastic, granule)
+    return head_class.held_blocks(length, length, block_size)

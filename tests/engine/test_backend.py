@@ -82,10 +82,11 @@ def mixed_prompts(model_dir):
     return [{"prompt_token_ids": ids[i: i + n]} for i, n in enumerate(PROMPT_LENGTHS)]
 
 
-@pytest.fixture(scope="module", params=["position", "prompt"])
+@pytest.fixture(scope="module", params=[("position", 1), ("prompt", 16)],
+                ids=["position", "prompt-granule16"])
 def engine_vs_oracle(request, tiny_dir, tmp_path_factory):
-    elastic = request.param
-    plan = heterogeneous_plan(tiny_dir, elastic, seed=3)
+    elastic, granule = request.param
+    plan = heterogeneous_plan(tiny_dir, elastic, seed=3, granule=granule)
     llm = start_llm(tiny_dir, plan, tmp_path_factory.mktemp("plans"),
                     max_num_batched_tokens=64)  # forces chunked prefill
     outputs = greedy(llm, mixed_prompts(tiny_dir), max_tokens=8, logprobs=0,

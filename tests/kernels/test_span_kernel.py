@@ -161,3 +161,21 @@ def test_head_sizes(device, head_size):
                      device=device, seed=head_size)
     assert_matches(case)
     assert_matches(case, num_splits=2)
+
+
+@pytest.mark.parametrize("granule", [16, 64])
+@pytest.mark.parametrize("elastic", ["position", "prompt"])
+@pytest.mark.parametrize("sink_granules", [0, 1])
+def test_granule_spans(device, granule, elastic, sink_granules):
+    """Window starts rounded down to the granule: decode and a prefill chunk, a
+    window narrower than the granule, sinks 0 and = granule, against the oracle."""
+    case = make_case(
+        [300, 170], [1, 45], num_heads=4, num_kv_heads=2, head_size=HEAD, block_size=16,
+        rules=[(5, 0.0), (20, 0.25)], sink_tokens=sink_granules * granule, granule=granule,
+        elastic=elastic, prompt_lens=[260, 150] if elastic == "prompt" else None,
+        device=device, seed=granule + sink_granules,
+    )
+    out = assert_matches(case)
+    assert_matches(case, num_splits=3)
+    exact = dataclasses.replace(case, spans=dataclasses.replace(case.spans, granule=1))
+    assert (out - reference(exact)).abs().max() > 1e-3  # the granule does widen spans

@@ -140,13 +140,15 @@ def test_pareto_front_is_feasible_and_nondominated():
 
 @pytest.mark.parametrize("rule", [Rule(100, 0.0), Rule(0, 0.25), Rule(-256, 0.75), Rule(64, 0.5)])
 @pytest.mark.parametrize("elastic", ["position", "prompt"])
-def test_dropped_fraction_is_the_runtime_mask(rule, elastic):
-    length, block, sink, minw = 320, 32, 16, 24
-    frac = dropped_fraction(rule, length, block, sink, minw, elastic, prompt_len=300)
-    spans = LayerSpans(alpha=__import__("torch").tensor([rule.alpha]),
-                       beta_q=__import__("torch").tensor([rule.beta_q]),
-                       sink_tokens=sink, min_window=minw, elastic=elastic)
+@pytest.mark.parametrize("granule", [1, 16])
+def test_dropped_fraction_is_the_runtime_mask(rule, elastic, granule):
     import torch
+
+    length, block, sink, minw = 320, 32, 16, 24
+    frac = dropped_fraction(rule, length, block, sink, minw, elastic, prompt_len=300,
+                            granule=granule)
+    spans = LayerSpans(alpha=torch.tensor([rule.alpha]), beta_q=torch.tensor([rule.beta_q]),
+                       sink_tokens=sink, min_window=minw, elastic=elastic, granule=granule)
 
     pos = torch.arange(length)
     n = pos + 1 if elastic == "position" else torch.full_like(pos, 300)

@@ -3,8 +3,8 @@
 Every KV head has its own window rule ``W = max(min_window, alpha +
 ceil(beta_q * N / BETA_SCALE))`` plus ``sink_tokens`` always-kept keys; a query at
 absolute position ``t`` reads key ``j`` iff ``j <= t`` and (``j < sink_tokens`` or
-``t - j < W``). ``N`` is ``t + 1`` (elastic "position") or the request's prompt
-length (elastic "prompt").
+``j >= floor((t - W + 1) / granule) * granule``). ``N`` is ``t + 1`` (elastic
+"position") or the request's prompt length (elastic "prompt").
 
 Layout of the work (after vLLM's ``triton_unified_attention``, own code):
 
@@ -75,6 +75,7 @@ def _span_attention_kernel(
     head_offset_ptr,  # [num_kv_heads] int64: element offset of each head's cache (PER_HEAD)
     sink_tokens,
     min_window,
+    granule,
     qk_scale,  # softmax scale * log2(e)
     num_seqs,
     stride_q0,
@@ -153,7 +154,9 @@ def _span_attention_kernel(
     # ---- loop bounds: sink tiles, then window tiles ----
     last_q = tl.minimum(q_block * BLOCK_Q + BLOCK_Q, q_len) - 1
     hi = context_len + last_q + 1  # one past the last key any row reads
-    row_start = tl.where(row_valid, t64 - window + 1, hi)
+    # window start rounded down to the granule (clamped at 0 first: // truncates)
+    start = tl.maximum(t64 - window + 1, 0) // granule * granule
+    row_start = tl.where(row_valid, start, hi)
     win_lo = tl.maximum(tl.min(row_start, axis=0), 0).to(tl.int32)
     sink_end = tl.minimum(sink_tokens, hi)
     n_sink_tiles = (sink_end + TILE - 1) // TILE
@@ -210,7 +213,7 @@ def _span_attention_kernel(
             row_valid[:, None]
             & k_load[None, :]
             & (kp <= t64[:, None])
-            & ((kp < sink_tokens) | (t64[:, None] - kp < window[:, None]))
+            & ((kp < sink_tokens) | (kp >= start[:, None]))
         )
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -351,6 +354,7 @@ def span_attention_paged(
     *,
     head_tables: torch.Tensor | None = None,
     head_offsets: torch.Tensor | None = None,
+    granule: int = 1,
     num_splits: int | None = None,
     tile_size: int | None = None,
     block_m: int | None = None,
@@ -428,7 +432,7 @@ def span_attention_paged(
         prompt_lens if prompt_lens is not None else seq_lens,
         alpha, beta_q,
         head_tables if per_head else alpha, head_offsets if per_head else alpha,
-        int(sink_tokens), int(min_window), float(scale) * LOG2E, num_seqs,
+        int(sink_tokens), int(min_window), int(granule), float(scale) * LOG2E, num_seqs,
         query.stride(0), query.stride(1), query.stride(2),
         output.stride(0), output.stride(1), output.stride(2),
         block_table.stride(0) if per_head else 0, block_table.stride(-2),
