@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -62,7 +63,8 @@ class SearchConfig:
         "validation)")
     density_lengths: list[int] | None = _opt(
         None, "lengths the densities are constrained at (default: profiling and validation "
-        "lengths, and 512 up to the context at powers of two and halfway between)")
+        "lengths, and 512 up to the context at powers of two and halfway between, from "
+        "where sinks + min_window are at most half the budget: 512 tokens for 0.5)")
     budget_slack: float = _opt(
         0.05, "every length of interest spends at least the density budget minus this, so "
         "no head class gives up its span at short prompts to save budget nobody uses "
@@ -137,9 +139,8 @@ class SearchLengths:
 
 def resolve_lengths(cfg: SearchConfig, context: int) -> SearchLengths:
     """Defaults span the prompts a server sees: profiling from 512 tokens; validation
-    below the shortest profile (384: still above where sinks + ``min_window`` fill a
-    0.5 budget, so plans differ there), between the two shortest (most requests are
-    short) and beyond the longest; budgets from 256 tokens up to the context."""
+    below the shortest profile (384), between the two shortest (most requests are
+    short) and beyond the longest; budgets from ``budget_start`` up to the context."""
     profile = sorted(cfg.lengths or _doublings(512, min(context // 2, 16384)))
     validate = sorted(cfg.validate_lengths if cfg.validate_lengths is not None else
                       {profile[0] * 3 // 4, profile[0] * 3 // 2,
@@ -148,9 +149,20 @@ def resolve_lengths(cfg: SearchConfig, context: int) -> SearchLengths:
     vsamples = cfg.validate_samples or [max(2, 8192 // n) for n in validate]
     if len(samples) != len(profile) or len(vsamples) != len(validate):
         raise ValueError("--samples and --validate-samples need one count per length")
+    start = budget_start(cfg.density, cfg.sink_tokens, cfg.min_window)
     density = sorted(set(cfg.density_lengths or
-                         (profile + validate + [256] + objective_lengths(context))))
+                         [n for n in profile + validate + [start] + objective_lengths(context)
+                          if start <= n <= context]))
     return SearchLengths(profile, samples, validate, vsamples, density)
+
+
+def budget_start(density: float, sink_tokens: int, min_window: int) -> int:
+    """Shortest length the default budgets hold at: where sinks + ``min_window`` are
+    at most half the budget. Shorter, a budget forces every head to that floor, so
+    no plan can differ from the uniform window at short prompts (a 0.5 budget at
+    256 tokens did exactly that). A request shorter than this holds no more than
+    one of this length does (held blocks grow with the length under every rule)."""
+    return math.ceil(2 * (sink_tokens + min_window) / density)
 
 
 def _doublings(start: int, stop: int) -> list[int]:

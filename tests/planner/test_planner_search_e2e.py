@@ -49,14 +49,14 @@ def test_plan_search_end_to_end(tiny_dir, tmp_path):
     assert sorted(details["validation"]["per_length"]) == ["128", "768"]
     for v in details["validation"]["per_length"].values():
         assert v["chosen_loss"] >= 0.0 and v["uniform_loss"] >= 0.0 and v["dense_loss"] >= 0.0
-    assert details["density_lengths"][0] == 128  # budgets hold down to short prompts
+    # budgets from where sinks + min_window are half the budget: (64 + 64) * 2 / 0.5
+    assert details["density_lengths"][0] == 512
     # one rule per head class: the block pool holds the average density
     assert plan.head_classes is not None
     assert all(len(c.rules) == 1 for c in assign_head_classes(plan))
     for n in details["density_lengths"]:
-        if n >= 256:  # below, sinks + min_window alone exceed the budget
-            # spent within the slack at every length, never above it
-            assert 0.5 - details["budget_slack"] - 1e-9 <= average_density(plan, n) <= 0.5 + 1e-9
+        # spent within the slack at every length, never above it
+        assert 0.5 - details["budget_slack"] - 1e-9 <= average_density(plan, n) <= 0.5 + 1e-9
         assert abs(allocated_density(plan, n, 16) - average_density(plan, n)) <= 16 / n
     json.dumps(details)
 
@@ -88,8 +88,9 @@ def test_default_lengths_span_short_prompts_to_the_context():
     assert lengths.profile == [512, 1024, 2048, 4096]
     assert lengths.validate == [384, 768, 6144]  # unseen: shorter, between, longer
     assert lengths.validate_samples[0] > lengths.validate_samples[-1] >= 2
-    assert lengths.density[0] == 256 and lengths.density[-1] == 8192
-    assert set(lengths.profile + lengths.validate) <= set(lengths.density)
+    assert lengths.density[0] == 512 and lengths.density[-1] == 8192
+    assert resolve_lengths(SearchConfig(model="m", density=0.25, out="o"), 8192).density[0] == 1024
+    assert set(lengths.profile + lengths.validate[1:]) <= set(lengths.density)
     long = resolve_lengths(SearchConfig(model="m", density=0.5, out="o"), 131072)
     assert long.profile[-1] == 16384 and long.validate[-1] == 24576
     assert resolve_lengths(SearchConfig(model="m", density=0.5, out="o",
