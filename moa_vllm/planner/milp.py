@@ -15,10 +15,9 @@ count per rule:
   ``span_classes.average_density``): ``sum x * dens[r, p] <= budget[p] * slots``;
 * allocated density (the block pool): ``sum x * held[r, p] <= alloc[p] * slots *
   dense_blocks[p]``, exact for single-rule classes;
-* the budget is also spent: ``sum x * dens[r, p] >= (budget[p] - slack) * slots``.
-  Without it the loss-optimal plans of long prompts give heads rules like
-  ``W = N - 1024`` that collapse to ``min_window`` below ~1k tokens, and the short
-  prompts most requests are lose retrieval to leave budget unused.
+* the budget is also spent: ``sum x * dens[r, p] >= (budget[p] - slack) * slots``,
+  so a plan cannot leave budget unused at one length (short prompts, most
+  requests) to lower the loss at another.
 
 Budgets are ``max(density, the smallest density any rule reaches at p)``: at a
 few hundred tokens the sinks and ``min_window`` alone can exceed the budget, and

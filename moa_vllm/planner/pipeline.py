@@ -365,9 +365,10 @@ def _pareto_front(run: _Run, rules, losses, prob) -> tuple[list, list]:
             {"choices": np.stack([s.choice for s in sols])}
 
     key = {"losses": _hash(losses.round(12).tolist()), "dl": lengths, "density": cfg.density,
-           "alloc": _alloc_budget(cfg), "slack": cfg.budget_slack, "classes": run.num_classes, "grid": cfg.pareto_grid,
-           "tl": cfg.time_limit, "gap": cfg.mip_rel_gap, "rules": [r.as_tuple() for r in rules],
-           "elastic": cfg.elastic, "sink": cfg.sink_tokens, "minw": cfg.min_window, "granule": cfg.granule,
+           "alloc": _alloc_budget(cfg), "slack": cfg.budget_slack, "classes": run.num_classes,
+           "grid": cfg.pareto_grid, "tl": cfg.time_limit, "gap": cfg.mip_rel_gap,
+           "rules": [r.as_tuple() for r in rules], "elastic": cfg.elastic,
+           "sink": cfg.sink_tokens, "minw": cfg.min_window, "granule": cfg.granule,
            "bs": cfg.block_size, "milp_version": 3}
     value, arrays = run.cache.get("milp", key, compute)
     front = list(zip(arrays["choices"], map(np.array, value["objectives"])))
