@@ -115,6 +115,12 @@ class LayerSpans:
         j = k_pos.to(torch.int64)[None, None, :]
         return (j <= t) & ((j < self.sink_tokens) | (j >= window_start(t, w, self.granule)))
 
+    def first_keys(self, q_pos: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """``[Hkv, Tq]`` int64: each query reads the sinks and every key from this on
+        (``first_needed_position`` of each head, in tensors)."""
+        start = window_start(q_pos.to(torch.int64)[None, :], self.windows(n), self.granule)
+        return torch.clamp(start, min=self.sink_tokens)
+
     def key_positions(self, first_query: int, first_n: int, seq_len: int) -> torch.Tensor:
         """Keys a chunk of queries starting at ``first_query`` may read: the sinks and
         everything from the widest head's window start on. Window starts never

@@ -5,9 +5,12 @@ block table and slot mapping: its head class's group); slot 0 is the layer's
 own, the others are read from the forward context. On CUDA one launch of the
 Triton paged-KV kernel (``moa_kernels``) covers the layer: each KV head reads its
 own cache (an offset into the one KV allocation) and its own row of the stacked
-block tables. Elsewhere a torch path gathers, per KV head from its own cache,
-only keys inside that head's span, and attends for all heads at once. Neither
-ever reads a position outside a span: freed blocks are reused by other requests.
+block tables. On CPU, decode steps of plans whose granule is a multiple of the
+block size run on vLLM's own CPU op over each head's compacted block table
+(``cpu_decode``); prefill chunks, and every step otherwise, take a torch path
+that gathers, per KV head from its own cache, only keys inside that head's span,
+and attends for all heads at once. None ever reads a position outside a span:
+freed blocks are reused by other requests.
 """
 
 from __future__ import annotations
@@ -15,16 +18,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moa_vllm.engine.cpu_decode import cache_format, span_decode
 from moa_vllm.engine.engine_plan import slot_layer_name
 from moa_vllm.engine.metadata import MoaAttentionMetadata
 from moa_vllm.engine.vllm_surface import (
     AttentionImpl,
     AttentionLayer,
     AttentionType,
+    cpu_attn_write,
     reshape_and_cache_cuda,
     slot_attention_context,
 )
-from moa_vllm.paged_kv import gather_kv
+from moa_vllm.paged_kv import KVLayout, cpu_attn_halves, gather_kv, kv_views
 from moa_vllm.span_mask import elastic_lengths
 
 
@@ -105,10 +110,15 @@ class MoaAttentionImpl(AttentionImpl):
                                  output[:num_tokens])
             return output
         slots = list(self._slots(layer, attn_metadata, kv_cache))
-        self._forward_torch(query[:num_tokens], [kv for _, kv in slots],
-                            [md.block_table for md, _ in slots], attn_metadata,
-                            attn_metadata.layer_heads[layer.layer_name].spans,
-                            output[:num_tokens])
+        caches = [kv for _, kv in slots]
+        if attn_metadata.decode is not None:
+            span_decode(query[:num_tokens], caches, [md.decode for md, _ in slots],
+                        [slot_layer_name(layer.layer_name, j) for j in range(len(slots))],
+                        attn_metadata.query_start_loc, self.scale, output[:num_tokens])
+            return output
+        self._forward_torch(query[:num_tokens], caches, [md.block_table for md, _ in slots],
+                            attn_metadata, attn_metadata.layer_heads[layer.layer_name].spans,
+                            output[:num_tokens], cache_format(kv_cache).layout)
         return output
 
     @staticmethod
@@ -138,7 +148,8 @@ class MoaAttentionImpl(AttentionImpl):
             num_splits=md.num_splits,
         )
 
-    def _forward_torch(self, query, caches, tables, md, spans, output) -> None:
+    def _forward_torch(self, query, caches, tables, md, spans, output,
+                       layout: KVLayout = KVLayout.TOKEN_ROWS) -> None:
         """Per request and per tile of queries: the keys inside the spans of that tile
         (sinks + the widest head's window), each KV head's from its own cache and
         block table (``caches[h]`` ``[blocks, 1, block, 2D]``, ``tables[h]``). A key
@@ -159,7 +170,7 @@ class MoaAttentionImpl(AttentionImpl):
                 k_pos = spans.key_positions(first + lo, int(n[0]), first + hi)
                 allowed = spans.mask(q_pos, k_pos, n)  # [Hkv, Tq, Tk]
                 own = torch.where(allowed.any(dim=1), k_pos, k_pos[-1])  # [Hkv, Tk]
-                kv = [gather_kv(cache, table[i], pos)
+                kv = [gather_kv(cache, table[i], pos, layout)
                       for cache, table, pos in zip(caches, tables, own)]
                 k = torch.cat([k for k, _ in kv], dim=1)
                 v = torch.cat([v for _, v in kv], dim=1)
@@ -184,15 +195,21 @@ class MoaAttentionImpl(AttentionImpl):
             k, v = key[:, j:j + 1], value[:, j:j + 1]
             if key.is_cuda:
                 reshape_and_cache_cuda(k, v, kv, slots, self.kv_cache_dtype, layer)
+                continue
+            kv_format = cache_format(kv)
+            if kv_format.isa is not None:
+                cpu_attn_write(k, v, *cpu_attn_halves(kv), slots[:key.shape[0]], kv_format.isa)
             else:
                 self._write_torch(k, v, kv, slots)
 
-    def _write_torch(self, key, value, kv_cache, slot_mapping) -> None:
+    @staticmethod
+    def _write_torch(key, value, kv_cache, slot_mapping) -> None:
         num_tokens = key.shape[0]
         slots = slot_mapping[:num_tokens]
         valid = slots >= 0
         slots = slots[valid]
         block_size = kv_cache.shape[2]
         blocks, offsets = slots // block_size, slots % block_size
-        kv_cache[blocks, :, offsets, : self.head_size] = key[valid]
-        kv_cache[blocks, :, offsets, self.head_size :] = value[valid]
+        k_cache, v_cache = kv_views(kv_cache, KVLayout.TOKEN_ROWS)
+        k_cache[blocks, :, offsets] = key[valid]
+        v_cache[blocks, :, offsets] = value[valid]

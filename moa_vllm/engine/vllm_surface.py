@@ -50,6 +50,12 @@ Contracts we rely on (vLLM file, relative to the ``vllm`` package):
   ``scheduler_config.max_num_seqs``.
 - ``distributed``: the tensor-parallel rank (the world size from the config).
 - ``v1/attention/ops/triton_reshape_and_cache_flash.py``: the CUDA KV write.
+- ``v1/attention/backends/cpu_attn.py`` and ``_custom_ops.py``: the CPU op's ISA
+  choice (``_get_attn_isa``), its writer ``cpu_attn_reshape_and_cache``, its
+  ``cpu_attn_get_scheduler_metadata`` and ``cpu_attention_with_kv_cache`` (output
+  must be contiguous; query may be a head slice); ``envs.VLLM_CPU_ATTN_SPLIT_KV``.
+  The ``vec``/``vec16`` in-block layout is ``paged_kv.KVLayout.CPU_ATTN`` (a test
+  writes with vLLM's writer and reads it back through ours).
 - ``v1/engine/llm_engine.py``: an offline ``LLM``'s in-process scheduler and its
   engine core's shutdown (tests and benchmarks).
 - ``entrypoints/openai``: ``engine_client.vllm_config`` in an endpoint plugin.
@@ -281,6 +287,15 @@ def max_in_flight_tokens(vllm_config: VllmConfig) -> int:
     return vllm_config.max_in_flight_tokens
 
 
+def model_dtype(vllm_config: VllmConfig) -> torch.dtype:
+    return vllm_config.model_config.dtype
+
+
+def local_attention_heads(vllm_config: VllmConfig) -> int:
+    """Query heads of one tensor-parallel rank."""
+    return vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
+
+
 def max_model_len(vllm_config: VllmConfig) -> int:
     return vllm_config.model_config.max_model_len
 
@@ -330,6 +345,48 @@ def reshape_and_cache_cuda(key, value, kv_cache, slot_mapping, kv_cache_dtype, l
         key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype,
         layer._k_scale, layer._v_scale,
     )
+
+
+# -- vLLM's CPU attention op -------------------------------------------------
+
+CPU_ATTN_PLAIN_ISAS = ("vec", "vec16")  # the ISAs whose in-block layout paged_kv reads
+
+
+def cpu_attention_isa(dtype: torch.dtype, block_size: int, head_size: int) -> str:
+    """The ISA vLLM's CPU attention op runs (and lays its blocks out) for these."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return _get_attn_isa(dtype, block_size, head_size, "auto")
+
+
+def cpu_attn_write(key, value, key_cache, value_cache, slot_mapping, isa: str) -> None:
+    from vllm import _custom_ops as ops
+
+    ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, isa,
+                                   k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+
+
+def cpu_attn_schedule(num_reqs: int, num_heads: int, head_size: int, seq_lens, dtype,
+                      query_start_loc, isa: str) -> torch.Tensor:
+    """The op's work split for one batch of one-KV-head causal attention."""
+    from vllm import _custom_ops as ops
+    from vllm import envs
+
+    return ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=num_reqs, num_heads=num_heads, num_kv_heads=1, head_dim=head_size,
+        seq_lens=seq_lens, dtype=dtype, query_start_loc=query_start_loc, causal=True,
+        sliding_window_size=-1, isa=isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV)
+
+
+def cpu_attn_decode(query, key_cache, value_cache, output, query_start_loc, seq_lens,
+                    block_table, scheduler_metadata, scale: float) -> None:
+    from vllm import _custom_ops as ops
+
+    ops.cpu_attention_with_kv_cache(
+        query=query, key_cache=key_cache, value_cache=value_cache, output=output,
+        query_start_loc=query_start_loc, seq_lens=seq_lens, scale=scale, causal=True,
+        alibi_slopes=None, sliding_window=-1, block_table=block_table, softcap=0.0,
+        scheduler_metadata=scheduler_metadata, s_aux=None)
 
 
 # -- offline engines and the server ------------------------------------------
