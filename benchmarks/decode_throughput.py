@@ -2,7 +2,9 @@
 back to back in one invocation, same KV budget.
 
 For each prompt length L: N requests of L random tokens, 128 output tokens each
-(ignore_eos). Reported per backend: output tokens/s, peak concurrent requests,
+(ignore_eos). Reported per backend: output tokens/s over the whole run, decode
+tokens/s over the steps that only decode (every request past its prompt), the
+prefill time (until every request has its first token), peak concurrent requests,
 KV bytes held per request at steady decode (read from vLLM's block pool) and its
 fraction of the dense need, and the MoA/dense ratios.
 
@@ -35,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def run_backend(model: str, plan: str | None, length: int, requests: int, out_tokens: int,
                 kv_bytes: int, dtype: str, max_num_seqs: int, max_num_batched_tokens: int,
-                seed: int = 0) -> dict:
+                moa_block_size: int = 16, seed: int = 0) -> dict:
     from vllm import LLM, SamplingParams
 
     options = dict(model=model, dtype=dtype, enforce_eager=True, seed=0,
@@ -43,7 +45,7 @@ def run_backend(model: str, plan: str | None, length: int, requests: int, out_to
                    kv_cache_memory_bytes=kv_bytes,
                    max_num_batched_tokens=max_num_batched_tokens)
     if plan:
-        llm = LLM(attention_backend="moa", block_size=16,
+        llm = LLM(attention_backend="moa", block_size=moa_block_size,
                   additional_config={"moa": {"plan": str(Path(plan).resolve())}}, **options)
     else:
         llm = LLM(block_size=32 if not _has_cuda() else 16, **options)  # CPU: multiple of 32
@@ -59,22 +61,29 @@ def run_backend(model: str, plan: str | None, length: int, requests: int, out_to
     for i in range(requests):
         ids = [rng.randrange(200, 30000) for _ in range(length)]
         engine.add_request(f"r{i}", {"prompt_token_ids": ids}, params)
-    peak, held, start, produced = 0, [], time.time(), 0
-    decode_start = None
+    peak, held, start = 0, [], time.time()
+    prefill_seconds, decode_seconds, decode_tokens = None, 0.0, 0
     while engine.has_unfinished_requests():
-        outs = engine.step()
-        produced += sum(len(o.outputs[0].token_ids) for o in outs if o.finished)
+        batch = len(sched.running)
+        decoding = not sched.waiting and all(r.num_output_tokens >= 1 for r in sched.running)
+        if decoding and prefill_seconds is None:
+            prefill_seconds = time.time() - start
+        step_start = time.perf_counter()
+        engine.step()
+        if decoding:  # a step of single-token decodes only: one token per request
+            decode_seconds += time.perf_counter() - step_start
+            decode_tokens += batch
         running = list(sched.running)
         peak = max(peak, len(running))
         if running and all(r.num_output_tokens >= 8 for r in running):
-            decode_start = decode_start or time.time()
             used = total_blocks - pool.get_num_free_blocks()
             held.append(used * bytes_per_block / len(running))
     elapsed = time.time() - start
     shutdown_llm(llm)
     return {"output_tokens_per_s": requests * out_tokens / elapsed, "seconds": elapsed,
-            "peak_running": peak, "kv_bytes_per_request": sum(held) / max(1, len(held)),
-            "samples": len(held)}
+            "decode_tokens_per_s": decode_tokens / decode_seconds if decode_seconds else 0.0,
+            "prefill_seconds": prefill_seconds, "peak_running": peak,
+            "kv_bytes_per_request": sum(held) / max(1, len(held)), "samples": len(held)}
 
 
 def _has_cuda() -> bool:
@@ -98,6 +107,9 @@ def main() -> int:
                     help="the prefill chunk; MoA's admission cap holds two chunks in flight, "
                          "so a small chunk against the prompt admits more MoA requests")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--moa-block-size", type=int, default=16,
+                    help="the MoA engine's block size (a divisor of the plan's granule "
+                         "for decode on vLLM's CPU op)")
     ap.add_argument("--out", default="benchmarks/results/decode_throughput")
     ap.add_argument("--append", action="store_true",
                     help="keep the rows of other lengths already in --out")
@@ -121,15 +133,18 @@ def main() -> int:
         kv_bytes = int(args.dense_requests_fit * need)
         row = {"length": length, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
                "kv_budget_bytes": kv_bytes, "dense_kv_bytes_per_request": need,
-               "predicted_allocated_density": allocated_density(plan, length + args.out_tokens, 16)}
+               "predicted_allocated_density": allocated_density(plan, length + args.out_tokens,
+                                                                  args.moa_block_size)}
         for name, p in [("dense", None), ("moa", args.plan)]:
             row[name] = run_backend(args.model, p, length, args.requests, args.out_tokens,
                                     kv_bytes, args.dtype, args.max_num_seqs,
-                                    args.max_num_batched_tokens)
+                                    args.max_num_batched_tokens, args.moa_block_size)
             row[name]["kv_fraction_of_dense"] = row[name]["kv_bytes_per_request"] / need
             print(json.dumps({name: row[name], "length": length}), flush=True)
         row["throughput_ratio"] = (row["moa"]["output_tokens_per_s"]
                                    / row["dense"]["output_tokens_per_s"])
+        row["decode_ratio"] = (row["moa"]["decode_tokens_per_s"]
+                               / max(row["dense"]["decode_tokens_per_s"], 1e-9))
         rows.append(row)
         write_results(args, sorted(rows, key=lambda r: r["length"]), out)
     return 0
@@ -143,13 +158,16 @@ def write_results(args, rows: list[dict], out: Path) -> None:
     Path(f"{out}.json").write_text(json.dumps(result, indent=1))
     commands = sorted({f"{r['date']}: `{r['command']}`" for r in rows})
     lines = [f"Machine: {result['machine']}.", *[f"- {c}" for c in commands],
-             "", "| L | dense tok/s | MoA tok/s | ratio | peak reqs dense/MoA | "
+             "", "| L | decode tok/s dense / MoA | decode ratio | prefill s dense / MoA | "
+             "overall tok/s dense / MoA | ratio | peak reqs dense/MoA | "
              "KV/request dense | KV/request MoA (fraction) | predicted allocated |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         d, m = r["dense"], r["moa"]
         lines.append(
-            f"| {r['length']} | {d['output_tokens_per_s']:.1f} | {m['output_tokens_per_s']:.1f} "
+            f"| {r['length']} | {d['decode_tokens_per_s']:.1f} / {m['decode_tokens_per_s']:.1f} "
+            f"| {r['decode_ratio']:.2f} | {d['prefill_seconds']:.1f} / {m['prefill_seconds']:.1f} "
+            f"| {d['output_tokens_per_s']:.1f} / {m['output_tokens_per_s']:.1f} "
             f"| {r['throughput_ratio']:.2f} | {d['peak_running']}/{m['peak_running']} | "
             f"{d['kv_bytes_per_request'] / 2**20:.1f} MiB | "
             f"{m['kv_bytes_per_request'] / 2**20:.1f} MiB ({m['kv_fraction_of_dense']:.2f}) | "

@@ -159,6 +159,13 @@ def configure_engine(vllm_config) -> None:
     record = EnginePlan(resolved.plan, resolved.source, resolved.how,
                         vllm_surface.tensor_parallel_size(vllm_config))
     plan = record.plan
+    block_size = vllm_surface.kv_block_size(vllm_config)
+    if plan.granule > 1 and plan.granule % block_size:
+        fits = [b for b in (16, 32, 64, 128, 256) if plan.granule % b == 0] or [plan.granule]
+        raise PlanError(
+            f"{record.source}: the plan's granule ({plan.granule} tokens) needs a KV block "
+            f"size that divides it, got --block-size {block_size}; serve it with "
+            f"--block-size {' or '.join(map(str, fits))}")
     logger.info("MoA plan %s (from %s): %s, elastic=%s, sinks=%d, %d head classes of %d "
                 "(layer, KV head) slots", record.source, record.how, plan.provenance.method,
                 plan.elastic, plan.sink_tokens, len(record.head_classes),

@@ -287,6 +287,11 @@ def max_in_flight_tokens(vllm_config: VllmConfig) -> int:
     return vllm_config.max_in_flight_tokens
 
 
+def kv_block_size(vllm_config: VllmConfig) -> int:
+    """The block size the platform settled on (ours runs after its config hook)."""
+    return vllm_config.cache_config.block_size
+
+
 def model_dtype(vllm_config: VllmConfig) -> torch.dtype:
     return vllm_config.model_config.dtype
 

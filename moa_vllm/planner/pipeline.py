@@ -81,9 +81,9 @@ class SearchConfig:
     block_size: int = _opt(16, "runtime KV block size")
     sink_tokens: int = _opt(64, "sink tokens every head keeps")
     min_window: int = _opt(64, "smallest window of any rule")
-    granule: int = _opt(1, "window starts rounded down to multiples of this many tokens "
-                        "(1: token-exact; a multiple of the KV block size: decode reads "
-                        "whole blocks)")
+    granule: int = _opt(64, "window starts rounded down to multiples of this many tokens "
+                        "(a multiple of the KV block size: CPU decode runs on vLLM's own "
+                        "op over whole blocks; 1: token-exact)")
     profile_block: int = _opt(64, "importance tile size")
     samples: list[int] | None = _opt(None, "calibration samples per profiling length "
                                      "(default: about 16k tokens per length)")

@@ -22,6 +22,15 @@ def test_unsupported_options_fail_before_the_engine(tiny_dir, tmp_path, options,
     assert "\n" not in str(err.value)
 
 
+def test_granule_the_block_size_does_not_divide_fails_before_the_engine(tiny_dir, tmp_path):
+    plan = heterogeneous_plan(tiny_dir, "prompt", sink_tokens=64, granule=64)
+    with pytest.raises(PlanError, match=r"granule \(64 tokens\) needs a KV block size that "
+                       r"divides it, got --block-size 128; serve it with --block-size 16 or "
+                       r"32 or 64$") as err:
+        start_llm(tiny_dir, plan, tmp_path, block_size=128)
+    assert "\n" not in str(err.value)
+
+
 def test_bad_additional_config_entry_is_refused(tiny_dir):
     with pytest.raises(PlanError, match=r'additional_config\["moa"\] takes \{"plan": PATH\}'):
         start_llm(tiny_dir, additional_config={"moa": {"plans": "x.json"}})
