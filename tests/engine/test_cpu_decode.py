@@ -90,7 +90,7 @@ def test_decode_on_vllm_op_never_reads_outside_the_spans():
 @pytest.fixture(scope="module")
 def decode_paths(tiny_dir, tmp_path_factory):
     """Greedy tokens and logprobs of one granule-16 plan with decode on vLLM's op and
-    on the torch path, and of a token-exact plan; calls of the op counted in each."""
+    on the torch path; calls of the op counted in each."""
     from vllm import SamplingParams
 
     tmp = tmp_path_factory.mktemp("plans")
@@ -109,10 +109,9 @@ def decode_paths(tiny_dir, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(cpu_decode, "cpu_attn_decode", counting)
     runs = {}
-    for name, granule, path in [("op", 16, "vllm"), ("torch", 16, "torch"),
-                                ("exact", 1, "vllm")]:
+    for name, path in [("op", "vllm"), ("torch", "torch")]:
         mp.setenv("MOA_CPU_DECODE", path)
-        plan = heterogeneous_plan(tiny_dir, "position", seed=8, granule=granule)
+        plan = heterogeneous_plan(tiny_dir, "position", seed=8, granule=16)
         llm = start_llm(tiny_dir, plan, tmp, max_num_batched_tokens=64)
         calls["n"] = 0
         outs = llm.generate(prompts, params, use_tqdm=False)
@@ -133,5 +132,13 @@ def test_engine_decode_on_vllm_op_equals_torch_path(decode_paths):
         assert torch.allclose(torch.tensor(ours), torch.tensor(ref), atol=2e-3)
 
 
-def test_token_exact_plan_keeps_the_torch_path(decode_paths):
-    assert decode_paths["exact"][2] == 0
+def test_only_whole_block_plans_decode_on_vllm_op(monkeypatch):
+    fmt = kv_format("cpu", torch.float32, BS, D)
+    assert DecodeSpanBuilder.supports(64, BS, fmt) and DecodeSpanBuilder.supports(16, BS, fmt)
+    assert not DecodeSpanBuilder.supports(1, BS, fmt)  # token-exact: the torch path
+    assert not DecodeSpanBuilder.supports(64, BS, kv_format("cuda", torch.float32, BS, D))
+    monkeypatch.setenv("MOA_CPU_DECODE", "torch")
+    assert not DecodeSpanBuilder.supports(64, BS, fmt)
+    monkeypatch.setenv("MOA_CPU_DECODE", "fast")
+    with pytest.raises(ValueError, match="MOA_CPU_DECODE must be 'vllm' or 'torch'"):
+        DecodeSpanBuilder.supports(64, BS, fmt)
