@@ -60,28 +60,27 @@ class DecodeSpans:
     rule_of: Mapping[str, int]  # slot name -> rule row
 
 
+@dataclass(frozen=True)
 class DecodeSpanBuilder:
     """Owned by a head class's metadata builder: its slots' distinct rules and the
     op's fixed parameters; ``build`` runs once per pure-decode step."""
 
-    def __init__(self, rules: LayerSpans, rule_of: Mapping[str, int], block_size: int,
-                 num_queries_per_kv: int, head_size: int, dtype: torch.dtype, isa: str) -> None:
-        self.rules = rules
-        self.rule_of = dict(rule_of)
-        self.block_size = block_size
-        self.num_queries_per_kv = num_queries_per_kv
-        self.head_size = head_size
-        self.dtype = dtype
-        self.isa = isa
+    rules: LayerSpans  # one row per distinct rule of the class
+    rule_of: Mapping[str, int]  # slot name -> rule row
+    block_size: int
+    num_queries_per_kv: int
+    head_size: int
+    dtype: torch.dtype
+    isa: str
 
     @staticmethod
     def supports(granule: int, block_size: int, kv: KVFormat) -> bool:
         """Decode reads whole blocks (sinks are a multiple of the granule) in a
         layout the op reads, and ``MOA_CPU_DECODE`` does not ask for the torch path."""
-        if envs.get(envs.MOA_CPU_DECODE) not in ("vllm", "torch"):
+        path = envs.get(envs.MOA_CPU_DECODE)
+        if path not in ("vllm", "torch"):
             raise ValueError(f"{envs.MOA_CPU_DECODE} must be 'vllm' or 'torch'")
-        return (envs.get(envs.MOA_CPU_DECODE) == "vllm" and kv.layout is KVLayout.CPU_ATTN
-                and granule % block_size == 0)
+        return path == "vllm" and kv.layout is KVLayout.CPU_ATTN and granule % block_size == 0
 
     def build(self, block_table: torch.Tensor, seq_lens: torch.Tensor,
               prompt_lens: torch.Tensor | None, query_start_loc: torch.Tensor) -> DecodeSpans:
