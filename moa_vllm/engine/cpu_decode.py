@@ -36,13 +36,16 @@ class KVFormat:
     isa: str | None  # vLLM's CPU op ISA when its writer fills the cache
 
 
+TOKEN_ROWS_FORMAT = KVFormat(KVLayout.TOKEN_ROWS, None)  # our writer (or CUDA's) fills it
+
+
 @functools.lru_cache(maxsize=None)
 def kv_format(device_type: str, dtype: torch.dtype, block_size: int, head_size: int) -> KVFormat:
     if device_type == "cpu":
         isa = cpu_attention_isa(dtype, block_size, head_size)
         if isa in CPU_ATTN_PLAIN_ISAS:
             return KVFormat(KVLayout.CPU_ATTN, isa)
-    return KVFormat(KVLayout.TOKEN_ROWS, None)
+    return TOKEN_ROWS_FORMAT
 
 
 def cache_format(kv_cache: torch.Tensor) -> KVFormat:

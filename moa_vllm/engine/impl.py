@@ -18,7 +18,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moa_vllm.engine.cpu_decode import cache_format, span_decode
+from moa_vllm.engine.cpu_decode import (
+    TOKEN_ROWS_FORMAT,
+    KVFormat,
+    cache_format,
+    span_decode,
+)
 from moa_vllm.engine.engine_plan import slot_layer_name
 from moa_vllm.engine.metadata import MoaAttentionMetadata
 from moa_vllm.engine.vllm_surface import (
@@ -118,12 +123,17 @@ class MoaAttentionImpl(AttentionImpl):
             return output
         self._forward_torch(query[:num_tokens], caches, [md.block_table for md, _ in slots],
                             attn_metadata, attn_metadata.layer_heads[layer.layer_name].spans,
-                            output[:num_tokens], cache_format(kv_cache).layout)
+                            output[:num_tokens], self._cache_format(kv_cache).layout)
         return output
 
     @staticmethod
     def _triton(query: torch.Tensor) -> bool:
         return query.is_cuda
+
+    def _cache_format(self, kv_cache: torch.Tensor) -> KVFormat:
+        """Writer and reader agree: the Triton kernel reads token rows (the CPU
+        interpreter's tests point it at CPU caches too)."""
+        return TOKEN_ROWS_FORMAT if self._triton(kv_cache) else cache_format(kv_cache)
 
     def _slots(self, layer, attn_metadata, kv_cache):
         """(metadata, KV cache) of each local KV head's slot."""
@@ -196,7 +206,7 @@ class MoaAttentionImpl(AttentionImpl):
             if key.is_cuda:
                 reshape_and_cache_cuda(k, v, kv, slots, self.kv_cache_dtype, layer)
                 continue
-            kv_format = cache_format(kv)
+            kv_format = self._cache_format(kv)
             if kv_format.isa is not None:
                 cpu_attn_write(k, v, *cpu_attn_halves(kv), slots[:key.shape[0]], kv_format.isa)
             else:
