@@ -150,6 +150,11 @@ def main() -> int:
     return 0
 
 
+def _seconds(value: float | None) -> str:
+    """A run with fewer than two output tokens never reaches a decode-only step."""
+    return "-" if value is None else f"{value:.1f}"
+
+
 def write_results(args, rows: list[dict], out: Path) -> None:
     result = {"machine": f"{platform.node()} {platform.processor() or platform.machine()} "
                          f"{os.cpu_count()} cpus", "model": args.model, "plan": args.plan,
@@ -166,7 +171,8 @@ def write_results(args, rows: list[dict], out: Path) -> None:
         d, m = r["dense"], r["moa"]
         lines.append(
             f"| {r['length']} | {d['decode_tokens_per_s']:.1f} / {m['decode_tokens_per_s']:.1f} "
-            f"| {r['decode_ratio']:.2f} | {d['prefill_seconds']:.1f} / {m['prefill_seconds']:.1f} "
+            f"| {r['decode_ratio']:.2f} | {_seconds(d['prefill_seconds'])} / "
+            f"{_seconds(m['prefill_seconds'])} "
             f"| {d['output_tokens_per_s']:.1f} / {m['output_tokens_per_s']:.1f} "
             f"| {r['throughput_ratio']:.2f} | {d['peak_running']}/{m['peak_running']} | "
             f"{d['kv_bytes_per_request'] / 2**20:.1f} MiB | "
