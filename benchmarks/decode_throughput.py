@@ -8,6 +8,10 @@ prefill time (until every request has its first token), peak concurrent requests
 KV bytes held per request at steady decode (read from vLLM's block pool) and its
 fraction of the dense need, and the MoA/dense ratios.
 
+Dense runs vLLM's own default block size (CPU: 128), what a dense user gets; MoA
+runs ``--moa-block-size`` (a divisor of the plan's granule, so that CPU decode runs
+on vLLM's op: 64 for the shipped plans).
+
 CPU (this machine): SmolLM2 + a shipped plan. The smoke test runs it on the tiny
 model at 1k tokens.
 
@@ -17,7 +21,7 @@ a time, so the output must outlast the next prompts' prefill (e.g. 8k prompts,
 chunk 512, 64 output tokens) or a third request never meets the first two.
 
     python benchmarks/decode_throughput.py --model .models/smollm2 \\
-        --plan plans/smollm2-135m-uniform-0.5.json --lengths 2048,4096,8192
+        --plan plans/smollm2-135m-moa-0.5.json --moa-block-size 64 --lengths 2048,4096,8192
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ def run_backend(model: str, plan: str | None, length: int, requests: int, out_to
         llm = LLM(attention_backend="moa", block_size=moa_block_size,
                   additional_config={"moa": {"plan": str(Path(plan).resolve())}}, **options)
     else:
-        llm = LLM(block_size=32 if not _has_cuda() else 16, **options)  # CPU: multiple of 32
+        llm = LLM(**options)  # vLLM's own block size, what a dense user runs (CPU: 128)
     from moa_vllm.engine.vllm_surface import llm_scheduler, shutdown_llm
 
     engine = llm.llm_engine
@@ -84,12 +88,6 @@ def run_backend(model: str, plan: str | None, length: int, requests: int, out_to
             "decode_tokens_per_s": decode_tokens / decode_seconds if decode_seconds else 0.0,
             "prefill_seconds": prefill_seconds, "peak_running": peak,
             "kv_bytes_per_request": sum(held) / max(1, len(held)), "samples": len(held)}
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def main() -> int:

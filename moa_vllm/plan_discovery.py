@@ -70,13 +70,15 @@ def _shipped_candidates(model: ModelFingerprint) -> list[tuple[Path, Plan]]:
 
 def _preference(candidate: tuple[Path, Plan]) -> tuple:
     """Of several matching shipped plans: searched before uniform, then the highest
-    density budget (the safest for accuracy), then the lowest validation loss of
-    the search relative to dense (mean over its validation lengths), then the name."""
+    density budget (the safest for accuracy), then the search's validation score
+    (``excess_vs_uniform``; plans searched before 2026-12-02 carry ``loss_vs_uniform``),
+    then the name."""
 
     path, plan = candidate
     details = plan.provenance.details
     budget = details.get("density") or average_density(plan, plan.model.max_position_embeddings)
-    loss = (details.get("validation") or {}).get("loss_vs_uniform")
+    validation = details.get("validation") or {}
+    loss = validation.get("excess_vs_uniform", validation.get("loss_vs_uniform"))
     return (plan.provenance.method != "moa-search", -round(float(budget), 4),
             float("inf") if loss is None else float(loss), path.name)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from moa_vllm.cli import build_parser
 from moa_vllm.plan import load_plan
 from moa_vllm.span_classes import allocated_density, assign_head_classes, average_density
@@ -77,7 +79,7 @@ def test_plan_search_on_qwen3(tiny_model_of, tmp_path):
     args.func(args)
     plan = load_plan(tmp_path / "tiny-moa.json")
     assert plan.model.architecture == "Qwen3ForCausalLM"
-    assert plan.provenance.details["validation"]["loss_vs_uniform"] is not None
+    assert plan.provenance.details["validation"]["excess_vs_uniform"] is not None
     assert generate_with(model_dir, plan, tmp_path) == 4
 
 
@@ -106,4 +108,21 @@ def test_choose_takes_the_plan_that_holds_at_every_length():
     scores = {384: [0.3, 1.0, 1.05, 0.98], 6144: [0.7, 0.8, 0.5, 0.78]}
     best, worst = choose(scores)
     assert best == 1
-    assert worst == [1.05, 0.98]
+    assert worst == pytest.approx([0.75 / 0.7, 0.68 / 0.7])
+
+
+def test_choose_weighs_excess_over_dense_not_loss_over_uniform():
+    """The SmolLM2 0.5 search's validation (2026-12-02): plan 0 matches dense at 6144
+    tokens but keeps a third of the uniform window's excess at 384; plan 1 keeps an
+    eighth there and gives up a little at 6144, where the uniform window itself is
+    near dense. A ratio to the uniform window's loss picked plan 0."""
+    from moa_vllm.planner.pipeline import choose
+
+    scores = {384: [0.359, 1.135, 0.618, 0.460], 768: [0.390, 0.797, 0.545, 0.473],
+              6144: [0.712, 0.792, 0.701, 0.740]}
+    best, worst = choose(scores)
+    assert best == 1 and worst[1] < worst[0]
+    # a uniform window as good as dense: excess measured against a floor, not zero
+    same = {384: [0.359, 1.135, 0.618, 0.460], 6144: [0.712, 0.712, 0.701, 0.740]}
+    best, worst = choose(same)
+    assert best == 0 and worst[1] == pytest.approx(0.028 / (0.05 * 0.712))
