@@ -29,10 +29,11 @@ VARIABLES: tuple[EnvVar, ...] = (
     EnvVar("MOA_KEEP_ALL_BLOCKS", "0",
            "1: debug switch, free no block (spans still apply): the exactness "
            "reference for freeing, and a way to rule freeing out"),
-    EnvVar("MOA_CPU_DECODE", "vllm",
-           "vllm: CPU decode steps of plans whose granule is a multiple of the block "
-           "size run on vLLM's own attention op over each head's live blocks; torch: "
-           "always our torch path (the reference, and a way to rule the op out)"),
+    EnvVar("MOA_CPU_ATTN", "vllm",
+           "vllm: on CPU, plans whose granule is a multiple of the block size run every "
+           "step (prefill and decode) on vLLM's own attention op over each head's live "
+           "blocks; torch: always our torch path (the reference, and a way to rule the "
+           "op out)"),
     EnvVar("MOA_PLAN_CACHE", None,
            "stage cache of `plan search` (default: ~/.cache/moa-vllm/plan-search)"),
     EnvVar("MOA_EVAL_KV_BYTES", str(2 << 30), "KV-cache bytes of each `moa-vllm eval` engine"),
@@ -44,7 +45,7 @@ MOA_PLANS_DIR = "MOA_PLANS_DIR"
 MOA_STATS_DIR = "MOA_STATS_DIR"
 MOA_KV_LOG = "MOA_KV_LOG"
 MOA_KEEP_ALL_BLOCKS = "MOA_KEEP_ALL_BLOCKS"
-MOA_CPU_DECODE = "MOA_CPU_DECODE"
+MOA_CPU_ATTN = "MOA_CPU_ATTN"
 MOA_PLAN_CACHE = "MOA_PLAN_CACHE"
 MOA_EVAL_KV_BYTES = "MOA_EVAL_KV_BYTES"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moa_vllm.engine.cpu_decode import kv_format
+from moa_vllm.engine.cpu_op import kv_format
 from moa_vllm.engine.vllm_surface import cpu_attn_write
 from moa_vllm.paged_kv import KVLayout, compact_block_tables, cpu_attn_halves, gather_kv
 

@@ -5,9 +5,9 @@ block table and slot mapping: its head class's group); slot 0 is the layer's
 own, the others are read from the forward context. On CUDA one launch of the
 Triton paged-KV kernel (``moa_kernels``) covers the layer: each KV head reads its
 own cache (an offset into the one KV allocation) and its own row of the stacked
-block tables. On CPU, decode steps of plans whose granule is a multiple of the
-block size run on vLLM's own CPU op over each head's compacted block table
-(``cpu_decode``); prefill chunks, and every step otherwise, take a torch path
+block tables. On CPU, plans whose granule is a multiple of the block size run
+every step on vLLM's own CPU op over each head's compacted block tables
+(``cpu_op``); other plans, and other CPU layouts, take a torch path
 that gathers, per KV head from its own cache, only keys inside that head's span,
 and attends for all heads at once. None ever reads a position outside a span:
 freed blocks are reused by other requests.
@@ -18,12 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moa_vllm.engine.cpu_decode import (
-    TOKEN_ROWS_FORMAT,
-    KVFormat,
-    cache_format,
-    span_decode,
-)
+from moa_vllm.engine.cpu_op import TOKEN_ROWS_FORMAT, KVFormat, cache_format, span_attention
 from moa_vllm.engine.engine_plan import slot_layer_name
 from moa_vllm.engine.metadata import MoaAttentionMetadata
 from moa_vllm.engine.vllm_surface import (
@@ -116,10 +111,10 @@ class MoaAttentionImpl(AttentionImpl):
             return output
         slots = list(self._slots(layer, attn_metadata, kv_cache))
         caches = [kv for _, kv in slots]
-        if attn_metadata.decode is not None:
-            span_decode(query[:num_tokens], caches, [md.decode for md, _ in slots],
-                        [slot_layer_name(layer.layer_name, j) for j in range(len(slots))],
-                        attn_metadata.query_start_loc, self.scale, output[:num_tokens])
+        if attn_metadata.op_runs is not None:
+            span_attention(query[:num_tokens], caches, [md.op_runs for md, _ in slots],
+                           [slot_layer_name(layer.layer_name, j) for j in range(len(slots))],
+                           self.scale, output[:num_tokens])
             return output
         self._forward_torch(query[:num_tokens], caches, [md.block_table for md, _ in slots],
                             attn_metadata, attn_metadata.layer_heads[layer.layer_name].spans,

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import torch
 
-from moa_vllm.engine.cpu_decode import DecodeSpanBuilder, DecodeSpans, kv_format
+from moa_vllm.engine.cpu_op import SpanRunBuilder, SpanRuns, kv_format
 from moa_vllm.engine.engine_plan import EnginePlan, slot_layer_name, slot_of
 from moa_vllm.engine.vllm_surface import (
     AttentionCGSupport,
@@ -91,7 +91,7 @@ class MoaAttentionMetadata:
     num_splits: int | None  # split-KV segments fixed by the builder; None: kernel's choice
     head_tables: torch.Tensor  # [classes, max_num_seqs, blocks] every class's block table
     layer_heads: Mapping[str, LayerHeads]  # per layer whose KV head 0 is in this group
-    decode: DecodeSpans | None  # pure decode on vLLM's CPU op: this class's compacted tables
+    op_runs: SpanRuns | None  # on vLLM's CPU op: this class's runs and compacted tables
 
 
 class MoaAttentionMetadataBuilder(AttentionMetadataBuilder[MoaAttentionMetadata]):
@@ -130,14 +130,14 @@ class MoaAttentionMetadataBuilder(AttentionMetadataBuilder[MoaAttentionMetadata]
         self.stacked = StackedTables.of_engine(vllm_config, len(served.head_classes), device)
         self.prompt_lens = torch.zeros(max_num_seqs(vllm_config), dtype=torch.int32,
                                        device=device)
-        self.decode_spans = self._decode_span_builder(layer_names, rank)
+        self.span_runs = self._span_run_builder(layer_names, rank)
 
-    def _decode_span_builder(self, layer_names, rank: int) -> DecodeSpanBuilder | None:
-        """The class's distinct rules, if decode runs on vLLM's CPU op."""
+    def _span_run_builder(self, layer_names, rank: int) -> SpanRunBuilder | None:
+        """The class's distinct rules, if attention runs on vLLM's CPU op."""
         spec, plan = self.kv_cache_spec, self.served.plan
         dtype = model_dtype(self.vllm_config)
         kv = kv_format(self.device.type, dtype, spec.block_size, spec.head_size)
-        if not DecodeSpanBuilder.supports(plan.granule, spec.block_size, kv):
+        if not SpanRunBuilder.supports(plan.granule, spec.block_size, kv):
             return None
         rules: dict[tuple[int, int], int] = {}
         rule_of = {}
@@ -151,8 +151,8 @@ class MoaAttentionMetadataBuilder(AttentionMetadataBuilder[MoaAttentionMetadata]
                                  torch.tensor(beta_q, dtype=torch.int32), plan.sink_tokens,
                                  plan.min_window, plan.elastic, plan.granule)
         group = local_attention_heads(self.vllm_config) // self.num_kv_heads
-        return DecodeSpanBuilder(rules_spans, rule_of, spec.block_size, group, spec.head_size,
-                                 dtype, kv.isa)
+        return SpanRunBuilder(rules_spans, rule_of, spec.block_size, group, spec.head_size,
+                              dtype, kv.isa)
 
     def _layer_heads(self) -> dict[str, LayerHeads]:
         """Each layer's KV heads: rows of the stacked tables and cache offsets (read
@@ -198,15 +198,15 @@ class MoaAttentionMetadataBuilder(AttentionMetadataBuilder[MoaAttentionMetadata]
             num_splits=self._decode_splits(num_reqs, cm.max_query_len),
             head_tables=self.stacked.stage(self.head_class, cm.block_table_tensor, num_reqs),
             layer_heads=self._layer_heads(),
-            decode=self._decode(cm, prompt_lens),
+            op_runs=self._op_runs(cm, prompt_lens),
         )
 
-    def _decode(self, cm, prompt_lens) -> DecodeSpans | None:
-        if self.decode_spans is None or cm.max_query_len != 1:
+    def _op_runs(self, cm, prompt_lens) -> SpanRuns | None:
+        if self.span_runs is None:
             return None
         num_reqs = cm.num_reqs
-        return self.decode_spans.build(cm.block_table_tensor[:num_reqs], cm.seq_lens[:num_reqs],
-                                       prompt_lens, cm.query_start_loc[: num_reqs + 1])
+        return self.span_runs.build(cm.block_table_tensor[:num_reqs], cm.seq_lens[:num_reqs],
+                                    prompt_lens, cm.query_start_loc_cpu[: num_reqs + 1])
 
     def _decode_splits(self, num_reqs: int, max_query_len: int) -> int | None:
         """A graph captured at one length replays at every length, so with full

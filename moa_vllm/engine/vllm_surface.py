@@ -383,8 +383,10 @@ def cpu_attn_schedule(num_reqs: int, num_heads: int, head_size: int, seq_lens, d
         sliding_window_size=-1, isa=isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV)
 
 
-def cpu_attn_decode(query, key_cache, value_cache, output, query_start_loc, seq_lens,
-                    block_table, scheduler_metadata, scale: float) -> None:
+def cpu_attn_op(query, key_cache, value_cache, output, query_start_loc, seq_lens,
+                block_table, scheduler_metadata, scale: float) -> None:
+    """Causal attention of a batch of query chunks, each over its own block table
+    (prefill chunks and decode rows alike)."""
     from vllm import _custom_ops as ops
 
     ops.cpu_attention_with_kv_cache(

@@ -1,6 +1,7 @@
-"""Decode on vLLM's CPU op over compacted block tables: against the oracle on random
-caches (written by vLLM's own writer), never reading outside the spans, and in a
-real engine token for token against the torch path."""
+"""Prefill and decode on vLLM's CPU op over compacted block tables: against the
+oracle on random caches (written by vLLM's own writer) in mixed batches, never
+reading outside the spans, and in a real engine token for token against the torch
+path."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import pytest
 import torch
 from moa_testing import heterogeneous_plan, start_llm, stop_llm
 
-from moa_vllm.engine import cpu_decode
-from moa_vllm.engine.cpu_decode import DecodeSpanBuilder, kv_format, span_decode
+from moa_vllm.engine import cpu_op
+from moa_vllm.engine.cpu_op import SpanRunBuilder, kv_format, span_attention
 from moa_vllm.engine.vllm_surface import cpu_attn_write
 from moa_vllm.oracle import paged_span_attention_reference
 from moa_vllm.paged_kv import KVLayout, cpu_attn_halves
@@ -25,14 +26,19 @@ def rules_spans(elastic, sinks, granule):
     return LayerSpans(alpha, beta, sinks, 8, elastic, granule)
 
 
-def decode_case(seed, spans):
-    """Four decoding requests; token-rows caches for the oracle, the same keys
-    written by vLLM's writer into one cache per KV head for the op."""
+SEQ_LENS = [700, 167, 300, 1200]  # keys after the step
+Q_LENS = [1, 130, 1, 300]  # decode rows and prefill chunks, mixed in one batch
+PROMPT_LENS = [650, 400, 100, 1199]
+
+
+def batch_case(seed, spans, q_lens=Q_LENS):
+    """Four requests; token-rows caches for the oracle, the same keys written by
+    vLLM's writer into one cache per KV head for the op."""
     fmt = kv_format("cpu", torch.float32, BS, D)
     assert fmt.layout is KVLayout.CPU_ATTN, fmt
     g = torch.Generator().manual_seed(seed)
-    seq_lens = torch.tensor([700, 37, 300, 1200], dtype=torch.int32)
-    prompt_lens = torch.tensor([650, 30, 100, 1199], dtype=torch.int32)
+    seq_lens = torch.tensor(SEQ_LENS, dtype=torch.int32)
+    prompt_lens = torch.tensor(PROMPT_LENS, dtype=torch.int32)
     width = int(seq_lens.max()) // BS + 2
     num_blocks = 4 * width
     table = torch.randperm(num_blocks, generator=g)[:4 * width].view(4, width).int()
@@ -43,43 +49,47 @@ def decode_case(seed, spans):
         k = kv_rows[:, h, :, :D].reshape(-1, 1, D)
         v = kv_rows[:, h, :, D:].reshape(-1, 1, D)
         cpu_attn_write(k, v, *cpu_attn_halves(cache), slots, fmt.isa)
-    q = torch.randn(4, len(RULES) * GROUP, D, generator=g)
-    qsl = torch.arange(5, dtype=torch.int32)
+    qsl = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0).to(torch.int32)
+    q = torch.randn(int(qsl[-1]), len(RULES) * GROUP, D, generator=g)
     pl = prompt_lens if spans.elastic == "prompt" else None
-    builder = DecodeSpanBuilder(spans, {f"h{h}": h for h in range(len(RULES))}, BS, GROUP, D,
-                                torch.float32, fmt.isa)
-    decode = builder.build(table, seq_lens, pl, qsl)
+    builder = SpanRunBuilder(spans, {f"h{h}": h for h in range(len(RULES))}, BS, GROUP, D,
+                             torch.float32, fmt.isa)
+    runs = builder.build(table, seq_lens, pl, qsl)
     ref = paged_span_attention_reference(q, kv_rows, table, qsl, seq_lens, spans, 0.125, pl)
-    return q, caches, decode, qsl, ref, table, seq_lens, pl
+    return q, caches, runs, ref, table, seq_lens, qsl
 
 
-def run(q, caches, decode, qsl):
+def run(q, caches, runs):
     out = torch.zeros_like(q)
-    span_decode(q, caches, [decode] * len(caches), [f"h{h}" for h in range(len(caches))], qsl,
-                0.125, out)
+    span_attention(q, caches, [runs] * len(caches), [f"h{h}" for h in range(len(caches))],
+                   0.125, out)
     return out
 
 
 @pytest.mark.parametrize("elastic", ["position", "prompt"])
 @pytest.mark.parametrize("sinks,granule", [(0, 16), (16, 16), (0, 64), (64, 64)])
-def test_decode_on_vllm_op_matches_oracle(elastic, sinks, granule):
+@pytest.mark.parametrize("q_lens", [Q_LENS, [1, 1, 1, 1]], ids=["mixed", "decode"])
+def test_vllm_op_matches_oracle(elastic, sinks, granule, q_lens):
     spans = rules_spans(elastic, sinks, granule)
-    q, caches, decode, qsl, ref, *_ = decode_case(granule + sinks, spans)
-    assert (decode.seq_lens < torch.tensor([700, 37, 300, 1200])).any()  # the spans cut
-    assert torch.allclose(run(q, caches, decode, qsl), ref, atol=1e-5)
+    q, caches, runs, ref, *_ = batch_case(granule + sinks, spans, q_lens)
+    for rule in runs.rules:  # the spans cut; a prefill chunk is several runs
+        assert int(rule.seq_lens.max()) < max(SEQ_LENS)
+        assert len(rule.seq_lens) >= (4 if q_lens != Q_LENS else 6)
+        assert rule.query_start_loc[-1] == sum(q_lens)
+    assert torch.allclose(run(q, caches, runs), ref, atol=1e-5)
 
 
-def test_decode_on_vllm_op_never_reads_outside_the_spans():
+def test_vllm_op_never_reads_outside_the_spans():
     spans = rules_spans("position", 16, 16)
-    q, caches, decode, qsl, ref, table, seq_lens, _ = decode_case(5, spans)
+    q, caches, runs, ref, table, seq_lens, qsl = batch_case(5, spans)
     for h, cache in enumerate(caches):
         keep = torch.zeros(cache.shape[0], dtype=torch.bool)
-        for i, seq_len in enumerate(seq_lens.tolist()):
-            t = torch.tensor([seq_len - 1])
-            needed = spans.mask(t, torch.arange(seq_len), t + 1)[h, 0]
+        for i, (seq_len, q_len) in enumerate(zip(seq_lens.tolist(), Q_LENS)):
+            t = torch.arange(seq_len - q_len, seq_len)
+            needed = spans.mask(t, torch.arange(seq_len), t + 1)[h].any(dim=0)
             keep[table[i][needed.nonzero().flatten() // BS].long()] = True
         cache[~keep] = float("nan")
-    out = run(q, caches, decode, qsl)
+    out = run(q, caches, runs)
     assert not out.isnan().any()
     assert torch.allclose(out, ref, atol=1e-5)
 
@@ -88,9 +98,10 @@ def test_decode_on_vllm_op_never_reads_outside_the_spans():
 
 
 @pytest.fixture(scope="module")
-def decode_paths(tiny_dir, tmp_path_factory):
-    """Greedy tokens and logprobs of one granule-16 plan with decode on vLLM's op and
-    on the torch path; calls of the op counted in each."""
+def op_paths(tiny_dir, tmp_path_factory):
+    """Greedy tokens and logprobs of one granule-16 plan on vLLM's op and on the
+    torch path (chunked prefill, so steps mix prefill chunks and decode rows);
+    calls of the op counted in each."""
     from vllm import SamplingParams
 
     tmp = tmp_path_factory.mktemp("plans")
@@ -100,17 +111,17 @@ def decode_paths(tiny_dir, tmp_path_factory):
     prompts = [{"prompt_token_ids": ids[i:i + n]} for i, n in enumerate([40, 200, 330])]
     params = SamplingParams(temperature=0, max_tokens=24, logprobs=0)
     calls = {"n": 0}
-    original = cpu_decode.cpu_attn_decode
+    original = cpu_op.cpu_attn_op
 
     def counting(*args):
         calls["n"] += 1
         return original(*args)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(cpu_decode, "cpu_attn_decode", counting)
+    mp.setattr(cpu_op, "cpu_attn_op", counting)
     runs = {}
     for name, path in [("op", "vllm"), ("torch", "torch")]:
-        mp.setenv("MOA_CPU_DECODE", path)
+        mp.setenv("MOA_CPU_ATTN", path)
         plan = heterogeneous_plan(tiny_dir, "position", seed=8, granule=16)
         llm = start_llm(tiny_dir, plan, tmp, max_num_batched_tokens=64)
         calls["n"] = 0
@@ -123,22 +134,22 @@ def decode_paths(tiny_dir, tmp_path_factory):
     return runs
 
 
-def test_engine_decode_on_vllm_op_equals_torch_path(decode_paths):
-    tokens, logprobs, calls = decode_paths["op"]
-    torch_tokens, torch_logprobs, torch_calls = decode_paths["torch"]
+def test_engine_on_vllm_op_equals_torch_path(op_paths):
+    tokens, logprobs, calls = op_paths["op"]
+    torch_tokens, torch_logprobs, torch_calls = op_paths["torch"]
     assert calls > 0 and torch_calls == 0
     assert tokens == torch_tokens
     for ours, ref in zip(logprobs, torch_logprobs):
         assert torch.allclose(torch.tensor(ours), torch.tensor(ref), atol=2e-3)
 
 
-def test_only_whole_block_plans_decode_on_vllm_op(monkeypatch):
+def test_only_whole_block_plans_run_on_vllm_op(monkeypatch):
     fmt = kv_format("cpu", torch.float32, BS, D)
-    assert DecodeSpanBuilder.supports(64, BS, fmt) and DecodeSpanBuilder.supports(16, BS, fmt)
-    assert not DecodeSpanBuilder.supports(1, BS, fmt)  # token-exact: the torch path
-    assert not DecodeSpanBuilder.supports(64, BS, kv_format("cuda", torch.float32, BS, D))
-    monkeypatch.setenv("MOA_CPU_DECODE", "torch")
-    assert not DecodeSpanBuilder.supports(64, BS, fmt)
-    monkeypatch.setenv("MOA_CPU_DECODE", "fast")
-    with pytest.raises(ValueError, match="MOA_CPU_DECODE must be 'vllm' or 'torch'"):
-        DecodeSpanBuilder.supports(64, BS, fmt)
+    assert SpanRunBuilder.supports(64, BS, fmt) and SpanRunBuilder.supports(16, BS, fmt)
+    assert not SpanRunBuilder.supports(1, BS, fmt)  # token-exact: the torch path
+    assert not SpanRunBuilder.supports(64, BS, kv_format("cuda", torch.float32, BS, D))
+    monkeypatch.setenv("MOA_CPU_ATTN", "torch")
+    assert not SpanRunBuilder.supports(64, BS, fmt)
+    monkeypatch.setenv("MOA_CPU_ATTN", "fast")
+    with pytest.raises(ValueError, match="MOA_CPU_ATTN must be 'vllm' or 'torch'"):
+        SpanRunBuilder.supports(64, BS, fmt)
