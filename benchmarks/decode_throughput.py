@@ -37,6 +37,7 @@ from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # read the block pool
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+BUDGET_BLOCK = 128  # tokens: the KV budget holds whole dense blocks of vLLM's CPU default
 
 
 def run_backend(model: str, plan: str | None, length: int, requests: int, out_tokens: int,
@@ -108,10 +109,14 @@ def main() -> int:
     ap.add_argument("--moa-block-size", type=int, default=16,
                     help="the MoA engine's block size (a divisor of the plan's granule "
                          "for decode on vLLM's CPU op)")
+    ap.add_argument("--torch-path", action="store_true",
+                    help="also run MoA on our torch path (MOA_CPU_ATTN=torch: every CPU "
+                         "step before attention ran on vLLM's op), for its prefill and decode")
     ap.add_argument("--out", default="benchmarks/results/decode_throughput")
     ap.add_argument("--append", action="store_true",
                     help="keep the rows of other lengths already in --out")
     args = ap.parse_args()
+    from moa_vllm.envs import MOA_CPU_ATTN
     from moa_vllm.evaluation.runner import kv_bytes_per_token
     from moa_vllm.plan import load_plan
     from moa_vllm.span_classes import allocated_density
@@ -127,13 +132,20 @@ def main() -> int:
     for asked in [int(x) for x in args.lengths.split(",")]:
         length = min(asked, max_len - args.out_tokens - 16)  # prompt + output must fit
         rows = [r for r in rows if r["length"] != length]
-        need = kv_bytes_per_token(args.model, args.dtype) * (length + args.out_tokens)
-        kv_bytes = int(args.dense_requests_fit * need)
+        per_token = kv_bytes_per_token(args.model, args.dtype)
+        need = per_token * (length + args.out_tokens)
+        # whole blocks of dense's largest default (CPU: 128 tokens), plus the null block
+        held = -(-(length + args.out_tokens) // BUDGET_BLOCK) * BUDGET_BLOCK
+        kv_bytes = int(per_token * (args.dense_requests_fit * held + BUDGET_BLOCK))
         row = {"length": length, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
                "kv_budget_bytes": kv_bytes, "dense_kv_bytes_per_request": need,
                "predicted_allocated_density": allocated_density(plan, length + args.out_tokens,
                                                                   args.moa_block_size)}
-        for name, p in [("dense", None), ("moa", args.plan)]:
+        backends = [("dense", None, "vllm"), ("moa", args.plan, "vllm")]
+        if args.torch_path:
+            backends.append(("moa_torch", args.plan, "torch"))
+        for name, p, path in backends:
+            os.environ[MOA_CPU_ATTN] = path
             row[name] = run_backend(args.model, p, length, args.requests, args.out_tokens,
                                     kv_bytes, args.dtype, args.max_num_seqs,
                                     args.max_num_batched_tokens, args.moa_block_size)
@@ -143,6 +155,9 @@ def main() -> int:
                                    / row["dense"]["output_tokens_per_s"])
         row["decode_ratio"] = (row["moa"]["decode_tokens_per_s"]
                                / max(row["dense"]["decode_tokens_per_s"], 1e-9))
+        if args.torch_path:
+            row["torch_path_decode_ratio"] = (row["moa_torch"]["decode_tokens_per_s"]
+                                              / max(row["dense"]["decode_tokens_per_s"], 1e-9))
         rows.append(row)
         write_results(args, sorted(rows, key=lambda r: r["length"]), out)
     return 0
@@ -151,6 +166,13 @@ def main() -> int:
 def _seconds(value: float | None) -> str:
     """A run with fewer than two output tokens never reaches a decode-only step."""
     return "-" if value is None else f"{value:.1f}"
+
+
+def _torch_path(row: dict) -> str:
+    if "moa_torch" not in row:
+        return "-"
+    return (f"{row['torch_path_decode_ratio']:.2f}, "
+            f"{_seconds(row['moa_torch']['prefill_seconds'])}")
 
 
 def write_results(args, rows: list[dict], out: Path) -> None:
@@ -163,8 +185,9 @@ def write_results(args, rows: list[dict], out: Path) -> None:
     lines = [f"Machine: {result['machine']}.", *[f"- {c}" for c in commands],
              "", "| L | decode tok/s dense / MoA | decode ratio | prefill s dense / MoA | "
              "overall tok/s dense / MoA | ratio | peak reqs dense/MoA | "
-             "KV/request dense | KV/request MoA (fraction) | predicted allocated |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "KV/request dense | KV/request MoA (fraction) | predicted allocated | "
+             "torch path: decode ratio, prefill s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         d, m = r["dense"], r["moa"]
         lines.append(
@@ -175,7 +198,7 @@ def write_results(args, rows: list[dict], out: Path) -> None:
             f"| {r['throughput_ratio']:.2f} | {d['peak_running']}/{m['peak_running']} | "
             f"{d['kv_bytes_per_request'] / 2**20:.1f} MiB | "
             f"{m['kv_bytes_per_request'] / 2**20:.1f} MiB ({m['kv_fraction_of_dense']:.2f}) | "
-            f"{r['predicted_allocated_density']:.2f} |")
+            f"{r['predicted_allocated_density']:.2f} | {_torch_path(r)} |")
     Path(f"{out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 
