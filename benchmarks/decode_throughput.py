@@ -108,7 +108,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--moa-block-size", type=int, default=16,
                     help="the MoA engine's block size (a divisor of the plan's granule "
-                         "for decode on vLLM's CPU op)")
+                         "for attention on vLLM's CPU op)")
     ap.add_argument("--torch-path", action="store_true",
                     help="also run MoA on our torch path (MOA_CPU_ATTN=torch: every CPU "
                          "step before attention ran on vLLM's op), for its prefill and decode")

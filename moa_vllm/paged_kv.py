@@ -7,8 +7,8 @@ One layer's (slot's) cache is a ``[num_blocks, num_kv_heads, block_size,
   (vLLM's flash layout: CUDA, and our own writer on CPU ISAs we do not read).
 - ``CPU_ATTN``: vLLM's CPU attention op's ``vec``/``vec16`` blocks (written by
   ``cpu_attn_reshape_and_cache``): all of K transposed (``[head_size,
-  block_size]``), then all of V (``[block_size, head_size]``). Decode then runs
-  on vLLM's own op; our prefill path reads the same blocks through ``kv_views``.
+  block_size]``), then all of V (``[block_size, head_size]``). Attention then
+  runs on vLLM's own op; our torch path reads the same blocks through ``kv_views``.
 """
 
 from __future__ import annotations
