@@ -16,31 +16,26 @@ BATCH, HEAD_SIZE, GROUP, KV_HEADS, DTYPE = 4, 64, 3, 3, torch.bfloat16
 
 
 def op_call(block_size: int, kv_heads: int, keys: int):
-    """A closure running the op once over ``BATCH`` decode rows of ``keys`` keys."""
-    from vllm import _custom_ops as ops
-    from vllm import envs
-    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+    """A closure running the op once over ``BATCH`` decode rows of ``keys`` keys,
+    through the same contacts the engine uses (``vllm_surface``)."""
+    from moa_vllm.engine.vllm_surface import cpu_attention_isa, cpu_attn_op, cpu_attn_schedule
+    from moa_vllm.paged_kv import cpu_attn_halves
 
-    isa = _get_attn_isa(DTYPE, block_size, HEAD_SIZE, "auto")
+    isa = cpu_attention_isa(DTYPE, block_size, HEAD_SIZE)
     width = keys // block_size + 1
-    cache = torch.randn(BATCH * width + 1, kv_heads, 2 * block_size, HEAD_SIZE, dtype=DTYPE)
-    key_cache, value_cache = cache.chunk(2, dim=2)
+    cache = torch.randn(BATCH * width + 1, kv_heads, block_size, 2 * HEAD_SIZE, dtype=DTYPE)
+    key_cache, value_cache = cpu_attn_halves(cache)
     table = torch.arange(1, BATCH * width + 1, dtype=torch.int32).view(BATCH, width)
     seq_lens = torch.full((BATCH,), keys, dtype=torch.int32)
     starts = torch.arange(BATCH + 1, dtype=torch.int32)
     query = torch.randn(BATCH, kv_heads * GROUP, HEAD_SIZE, dtype=DTYPE)
     out = torch.empty_like(query)
-    schedule = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=BATCH, num_heads=kv_heads * GROUP, num_kv_heads=kv_heads, head_dim=HEAD_SIZE,
-        seq_lens=seq_lens, dtype=DTYPE, query_start_loc=starts, causal=True,
-        sliding_window_size=-1, isa=isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV)
+    schedule = cpu_attn_schedule(BATCH, kv_heads * GROUP, HEAD_SIZE, seq_lens, DTYPE, starts,
+                                 isa, num_kv_heads=kv_heads)
 
     def call() -> None:
-        ops.cpu_attention_with_kv_cache(
-            query=query, key_cache=key_cache, value_cache=value_cache, output=out,
-            query_start_loc=starts, seq_lens=seq_lens, scale=HEAD_SIZE ** -0.5, causal=True,
-            alibi_slopes=None, sliding_window=-1, block_table=table, softcap=0.0,
-            scheduler_metadata=schedule, s_aux=None)
+        cpu_attn_op(query, key_cache, value_cache, out, starts, seq_lens, table, schedule,
+                    HEAD_SIZE ** -0.5)
     return call
 
 

@@ -110,8 +110,9 @@ def main() -> int:
                     help="the MoA engine's block size (a divisor of the plan's granule "
                          "for attention on vLLM's CPU op)")
     ap.add_argument("--torch-path", action="store_true",
-                    help="also run MoA on our torch path (MOA_CPU_ATTN=torch: every CPU "
-                         "step before attention ran on vLLM's op), for its prefill and decode")
+                    help="also run MoA on our torch path (MOA_CPU_ATTN=torch: how every CPU "
+                         "step ran before attention moved to vLLM's op), for its prefill and "
+                         "decode")
     ap.add_argument("--out", default="benchmarks/results/decode_throughput")
     ap.add_argument("--append", action="store_true",
                     help="keep the rows of other lengths already in --out")

@@ -57,7 +57,7 @@ def cache_format(kv_cache: torch.Tensor) -> KVFormat:
 
 @dataclass(frozen=True)
 class RuleRuns:
-    """One distinct rule's runs in one step: the op's batch, a run per request row."""
+    """One distinct rule's runs in one step: the op's batch, one entry per run."""
 
     query_start_loc: torch.Tensor  # [P + 1] int32: each run's first query row
     block_tables: torch.Tensor  # [P, blocks] int32: sink blocks, then live window blocks
