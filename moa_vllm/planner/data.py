@@ -224,8 +224,9 @@ def build_samples(
     progress: bool = True,
 ) -> list[Sample]:
     """``num_samples`` samples of at most ``length`` tokens with dense-model answers."""
-    import torch
     from tqdm import tqdm
+
+    from moa_vllm.planner.profile import masked_generate
 
     rng = random.Random(f"{seed}-{length}")
     builder = PromptBuilder(tokenizer)
@@ -250,15 +251,7 @@ def build_samples(
         if row is not None and "answer" in row and "prompt" in row:
             answer = builder.enc(row["answer"])[:answer_tokens]
         else:
-            with torch.no_grad():
-                out = model.generate(
-                    torch.tensor([prompt]),
-                    attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                    max_new_tokens=answer_tokens,
-                    do_sample=False,
-                    pad_token_id=eos if eos is not None else 0,
-                )
-            answer = out[0, len(prompt):].tolist()
+            answer = masked_generate(model, tokenizer, None, prompt, answer_tokens)
         if eos is not None and eos in answer:
             answer = answer[: answer.index(eos) + 1]
         if not answer:

@@ -307,7 +307,7 @@ def _profile(run: _Run, length: int, n: int) -> tuple[np.ndarray, dict]:
         return info, {"importance": importance}
 
     key = {"model": run.model_key, "data": run.data_key, "length": length, "n": n,
-           "block": run.cfg.profile_block, "profile_version": 1}
+           "block": run.cfg.profile_block, "profile_version": 2}
     info, arrays = run.cache.get(f"profile_{length}", key, compute)
     return arrays["importance"], info
 
