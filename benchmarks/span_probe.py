@@ -44,7 +44,7 @@ def main() -> None:
                                                    min_window=plan.min_window,
                                                    granule=plan.granule)}
     layers = plan.model.num_layers
-    for first in range(0, layers, args.band or layers + 1):
+    for first in range(0, layers if args.band else 0, args.band or 1):
         band = range(first, min(layers, first + args.band))
         full = plan.model_copy(deep=True)
         for layer in band:

@@ -24,7 +24,7 @@ PASSAGE = (
     "the ships that passed, and the colour of the sea. "
 )
 FACT = "The keeper's cat was called Biscuit, and she slept on the logbook."
-QUESTION = "What was the keeper's cat called?"
+QUESTION = "What was the keeper's cat called? Answer with the name only."
 ANSWER = "Biscuit"
 BLOCK_SIZE = 16
 

@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass
 
 from moa_vllm.engine import stats, vllm_surface
+from moa_vllm.engine.cpu_op import op_block_size_hint
 from moa_vllm.engine.kv_cache import MoaSpanSpec
 from moa_vllm.plan import Plan, PlanError, fingerprint_from_hf_config
 from moa_vllm.plan_discovery import resolve_plan
@@ -166,6 +167,10 @@ def configure_engine(vllm_config) -> None:
             f"{record.source}: the plan's granule ({plan.granule} tokens) needs a KV block "
             f"size that divides it, got --block-size {block_size}; serve it with "
             f"--block-size {' or '.join(map(str, fits))}")
+    if vllm_surface.device_type(vllm_config) == "cpu" and (hint := op_block_size_hint(
+            vllm_surface.model_dtype(vllm_config), block_size, fingerprint.head_dim,
+            plan.granule)):
+        logger.warning("MoA: %s", hint)
     logger.info("MoA plan %s (from %s): %s, elastic=%s, sinks=%d, %d head classes of %d "
                 "(layer, KV head) slots", record.source, record.how, plan.provenance.method,
                 plan.elastic, plan.sink_tokens, len(record.head_classes),

@@ -292,6 +292,11 @@ def kv_block_size(vllm_config: VllmConfig) -> int:
     return vllm_config.cache_config.block_size
 
 
+def device_type(vllm_config: VllmConfig) -> str:
+    """``cpu``, ``cuda``, ... (``config/device.py``: ``DeviceConfig.device_type``)."""
+    return vllm_config.device_config.device_type
+
+
 def model_dtype(vllm_config: VllmConfig) -> torch.dtype:
     return vllm_config.model_config.dtype
 

@@ -10,7 +10,12 @@ import torch
 from moa_testing import heterogeneous_plan, start_llm, stop_llm
 
 from moa_vllm.engine import cpu_op
-from moa_vllm.engine.cpu_op import SpanRunBuilder, kv_format, span_attention
+from moa_vllm.engine.cpu_op import (
+    SpanRunBuilder,
+    kv_format,
+    op_block_size_hint,
+    span_attention,
+)
 from moa_vllm.engine.vllm_surface import cpu_attn_write
 from moa_vllm.oracle import paged_span_attention_reference
 from moa_vllm.paged_kv import KVLayout, cpu_attn_halves
@@ -153,3 +158,17 @@ def test_only_whole_block_plans_run_on_vllm_op(monkeypatch):
     monkeypatch.setenv("MOA_CPU_ATTN", "fast")
     with pytest.raises(ValueError, match="MOA_CPU_ATTN must be 'vllm' or 'torch'"):
         SpanRunBuilder.supports(64, BS, fmt)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("block_size", [16, 32, 64])
+def test_block_size_hint_names_a_block_size_on_the_op(dtype, block_size):
+    """The start-up warning appears exactly when vLLM picks a layout we do not read
+    (e.g. ``amx`` for bf16 on AMX CPUs), and the block size it names runs on the op."""
+    hint = op_block_size_hint(dtype, block_size, 64, granule=64)
+    on_op = kv_format("cpu", dtype, block_size, 64).layout is KVLayout.CPU_ATTN
+    assert (hint is None) == on_op
+    if hint is not None and "--block-size" in hint:
+        suggested = int(hint.rsplit("--block-size ", 1)[1].split()[0])
+        assert kv_format("cpu", dtype, suggested, 64).layout is KVLayout.CPU_ATTN
+    assert op_block_size_hint(dtype, block_size, 64, granule=1) is None
