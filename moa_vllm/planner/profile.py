@@ -27,6 +27,7 @@ and the query heads of its KV head at once. Only one chunk of one layer is ever 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -215,28 +216,32 @@ def profile_length(model, samples, length: int, block: int, progress: bool = Tru
     }
 
 
+@contextmanager
+def _masked(plan, prompt_len: int):
+    """Forwards inside run under the plan's exact mask (``plan=None``: dense)."""
+    _STATE.update(mode="masked" if plan is not None else None, plan=plan, prompt_len=prompt_len)
+    try:
+        yield
+    finally:
+        _STATE.update(mode=None, plan=None)
+
+
 @torch.no_grad()
 def masked_answer_loss(model, plan, ids: list[int], prompt_len: int) -> float:
     """Answer loss with the plan's exact mask (the HF forward of tests/hf_oracle.py,
     chunked so that no ``L x L`` matrix is built). ``plan=None``: dense."""
-    _STATE.update(mode="masked" if plan is not None else None, plan=plan, prompt_len=prompt_len)
-    try:
+    with _masked(plan, prompt_len):
         return float(answer_loss(model, ids, prompt_len))
-    finally:
-        _STATE.update(mode=None, plan=None)
 
 
 @torch.no_grad()
 def masked_generate(model, tokenizer, plan, ids: list[int], max_new_tokens: int) -> list[int]:
     """Greedy answer tokens with the plan's exact mask (``N`` = the prompt length in
     prompt-elastic plans), KV-cached. ``plan=None``: dense."""
-    _STATE.update(mode="masked" if plan is not None else None, plan=plan, prompt_len=len(ids))
-    try:
-        eos = tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    with _masked(plan, len(ids)):
         out = model.generate(torch.tensor([ids]),
                              attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                              max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=eos if eos is not None else 0)
-        return out[0, len(ids):].tolist()
-    finally:
-        _STATE.update(mode=None, plan=None)
+    return out[0, len(ids):].tolist()
