@@ -9,8 +9,8 @@ KV bytes held per request at steady decode (read from vLLM's block pool) and its
 fraction of the dense need, and the MoA/dense ratios.
 
 Dense runs vLLM's own default block size (CPU: 128), what a dense user gets; MoA
-runs ``--moa-block-size`` (a divisor of the plan's granule, so that CPU decode runs
-on vLLM's op: 64 for the shipped plans).
+runs the block size it chooses itself when none is given (``engine/block_choice``),
+or ``--moa-block-size``.
 
 CPU (this machine): SmolLM2 + a shipped plan. The smoke test runs it on the tiny
 model at 1k tokens.
@@ -21,7 +21,7 @@ a time, so the output must outlast the next prompts' prefill (e.g. 8k prompts,
 chunk 512, 64 output tokens) or a third request never meets the first two.
 
     python benchmarks/decode_throughput.py --model .models/smollm2 \\
-        --plan plans/smollm2-135m-moa-0.5.json --moa-block-size 64 --lengths 2048,4096,8192
+        --plan plans/smollm2-135m-moa-0.5.json --lengths 2048,4096,8192
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ BUDGET_BLOCK = 128  # tokens: the KV budget holds whole dense blocks of vLLM's C
 
 def run_backend(model: str, plan: str | None, length: int, requests: int, out_tokens: int,
                 kv_bytes: int, dtype: str, max_num_seqs: int, max_num_batched_tokens: int,
-                moa_block_size: int = 16, seed: int = 0) -> dict:
+                moa_block_size: int | None = None, seed: int = 0) -> dict:
+    """One engine's run; ``moa_block_size`` None: the block size MoA chooses."""
     from vllm import LLM, SamplingParams
 
     options = dict(model=model, dtype=dtype, enforce_eager=True, seed=0,
@@ -54,7 +55,9 @@ def run_backend(model: str, plan: str | None, length: int, requests: int, out_to
                   additional_config={"moa": {"plan": str(Path(plan).resolve())}}, **options)
     else:
         llm = LLM(**options)  # vLLM's own block size, what a dense user runs (CPU: 128)
-    from moa_vllm.engine.vllm_surface import llm_scheduler, shutdown_llm
+    from moa_vllm.engine.vllm_surface import llm_block_size, llm_scheduler, shutdown_llm
+
+    block_size = llm_block_size(llm)
 
     engine = llm.llm_engine
     sched = llm_scheduler(llm)
@@ -88,7 +91,8 @@ def run_backend(model: str, plan: str | None, length: int, requests: int, out_to
     return {"output_tokens_per_s": requests * out_tokens / elapsed, "seconds": elapsed,
             "decode_tokens_per_s": decode_tokens / decode_seconds if decode_seconds else 0.0,
             "prefill_seconds": prefill_seconds, "peak_running": peak,
-            "kv_bytes_per_request": sum(held) / max(1, len(held)), "samples": len(held)}
+            "kv_bytes_per_request": sum(held) / max(1, len(held)), "samples": len(held),
+            "block_size": block_size}
 
 
 def main() -> int:
@@ -106,9 +110,8 @@ def main() -> int:
                     help="the prefill chunk; MoA's admission cap holds two chunks in flight, "
                          "so a small chunk against the prompt admits more MoA requests")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--moa-block-size", type=int, default=16,
-                    help="the MoA engine's block size (a divisor of the plan's granule "
-                         "for attention on vLLM's CPU op)")
+    ap.add_argument("--moa-block-size", type=int,
+                    help="the MoA engine's block size (default: the one MoA chooses)")
     ap.add_argument("--torch-path", action="store_true",
                     help="also run MoA on our torch path (MOA_CPU_ATTN=torch: how every CPU "
                          "step ran before attention moved to vLLM's op), for its prefill and "
@@ -139,9 +142,7 @@ def main() -> int:
         held = -(-(length + args.out_tokens) // BUDGET_BLOCK) * BUDGET_BLOCK
         kv_bytes = int(per_token * (args.dense_requests_fit * held + BUDGET_BLOCK))
         row = {"length": length, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
-               "kv_budget_bytes": kv_bytes, "dense_kv_bytes_per_request": need,
-               "predicted_allocated_density": allocated_density(plan, length + args.out_tokens,
-                                                                  args.moa_block_size)}
+               "kv_budget_bytes": kv_bytes, "dense_kv_bytes_per_request": need}
         backends = [("dense", None, "vllm"), ("moa", args.plan, "vllm")]
         if args.torch_path:
             backends.append(("moa_torch", args.plan, "torch"))
@@ -152,6 +153,8 @@ def main() -> int:
                                     args.max_num_batched_tokens, args.moa_block_size)
             row[name]["kv_fraction_of_dense"] = row[name]["kv_bytes_per_request"] / need
             print(json.dumps({name: row[name], "length": length}), flush=True)
+        row["predicted_allocated_density"] = allocated_density(
+            plan, length + args.out_tokens, row["moa"]["block_size"])
         row["throughput_ratio"] = (row["moa"]["output_tokens_per_s"]
                                    / row["dense"]["output_tokens_per_s"])
         row["decode_ratio"] = (row["moa"]["decode_tokens_per_s"]
@@ -176,23 +179,37 @@ def _torch_path(row: dict) -> str:
             f"{_seconds(row['moa_torch']['prefill_seconds'])}")
 
 
+def machine() -> str:
+    """CPU model, the ISA features vLLM's CPU op picks by, and the core count."""
+    model, flags = platform.machine(), set()
+    if Path("/proc/cpuinfo").is_file():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    isa = [f for f in ("avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{model} ({', '.join(isa) or 'no AVX-512'}), {os.cpu_count()} cpus"
+
+
 def write_results(args, rows: list[dict], out: Path) -> None:
-    result = {"machine": f"{platform.node()} {platform.processor() or platform.machine()} "
-                         f"{os.cpu_count()} cpus", "model": args.model, "plan": args.plan,
-              "rows": rows}
+    result = {"machine": machine(), "model": args.model, "plan": args.plan, "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.json").write_text(json.dumps(result, indent=1))
     commands = sorted({f"{r['date']}: `{r['command']}`" for r in rows})
     lines = [f"Machine: {result['machine']}.", *[f"- {c}" for c in commands],
-             "", "| L | decode tok/s dense / MoA | decode ratio | prefill s dense / MoA | "
+             "", "| L | block dense / MoA | decode tok/s dense / MoA | decode ratio | prefill s dense / MoA | "
              "overall tok/s dense / MoA | ratio | peak reqs dense/MoA | "
              "KV/request dense | KV/request MoA (fraction) | predicted allocated | "
              "torch path: decode ratio, prefill s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         d, m = r["dense"], r["moa"]
         lines.append(
-            f"| {r['length']} | {d['decode_tokens_per_s']:.1f} / {m['decode_tokens_per_s']:.1f} "
+            f"| {r['length']} | {d['block_size']} / {m['block_size']} "
+            f"| {d['decode_tokens_per_s']:.1f} / {m['decode_tokens_per_s']:.1f} "
             f"| {r['decode_ratio']:.2f} | {_seconds(d['prefill_seconds'])} / "
             f"{_seconds(m['prefill_seconds'])} "
             f"| {d['output_tokens_per_s']:.1f} / {m['output_tokens_per_s']:.1f} "

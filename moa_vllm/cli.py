@@ -35,17 +35,23 @@ def cmd_plan_uniform(args) -> None:
 
 
 def cmd_plan_show(args) -> None:
-    from moa_vllm.plan_report import class_reports, density_table, rule_histogram
+    from moa_vllm.plan_report import (
+        class_reports,
+        density_table,
+        report_lengths,
+        rule_histogram,
+    )
     from moa_vllm.span_classes import assign_head_classes
 
     plan = load_plan(args.plan)
-    lengths = args.lengths or [1024, 2048, 4096, plan.model.max_position_embeddings]
+    lengths = args.lengths or report_lengths(plan)
     classes = assign_head_classes(plan, max_classes=args.head_classes)
     report = {
         "plan": args.plan,
         "model": plan.model.model_dump(),
         "elastic": plan.elastic,
         "sink_tokens": plan.sink_tokens,
+        "exact_floor": plan.exact_floor,
         "provenance": plan.provenance.model_dump(),
         "block_size": args.block_size,
         "densities": [d.model_dump() for d in

@@ -26,7 +26,6 @@ PASSAGE = (
 FACT = "The keeper's cat was called Biscuit, and she slept on the logbook."
 QUESTION = "What was the keeper's cat called? Answer with the name only."
 ANSWER = "Biscuit"
-BLOCK_SIZE = 16
 
 
 def server_command(model: str, plan: str | None, port: int) -> list[str]:
@@ -35,7 +34,7 @@ def server_command(model: str, plan: str | None, port: int) -> list[str]:
         sys.executable, "-P", "-m", "moa_vllm.cli", "serve", model,
         *(["--plan", plan] if plan else []), "--served-model-name", "smollm2", "--port", str(port),
         "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096",
-        "--block-size", str(BLOCK_SIZE), "--max-num-seqs", "4",
+        "--max-num-seqs", "4",
         "--kv-cache-memory-bytes", str(1 << 30),
     ]
 
@@ -113,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         freed = blocks_freed(http(f"{base}/metrics"))
         if freed:
             tokens = usage["prompt_tokens"] + usage["completion_tokens"]
-            dense = len(freed) * -(-tokens // BLOCK_SIZE)  # blocks dense attention holds
+            block_size = json.loads(http(f"{base}/v1/moa/plan"))["block_size"]  # MoA's choice
+            dense = len(freed) * -(-tokens // block_size)  # blocks dense attention holds
             early = int(sum(freed.values()))
             print(f"KV blocks returned to vLLM's pool before the request finished: "
                   f"{early} of {dense} ({100 * early / dense:.0f}%, "

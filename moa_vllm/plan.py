@@ -78,6 +78,10 @@ class Plan(BaseModel):
     granule: int = Field(default=1, ge=1)
     """Window starts are rounded down to multiples of this many tokens
     (``span_mask``); 1: token-exact, as every plan before it was."""
+    exact_floor: int = Field(default=0, ge=0)
+    """Every head reads every key while the elastic length is at most this many
+    tokens (``span_mask``): short prompts stay exact. 0 (a plan without the field):
+    the rules apply at every length."""
     max_span_classes: int = Field(default=4, ge=1)
     """Head classes (KV-cache groups) at most: the runtime uses the largest count
     that splits the (layer, KV head) slots evenly."""
@@ -112,6 +116,10 @@ class Plan(BaseModel):
         if self.sink_tokens % self.granule:
             raise ValueError(f"sink_tokens ({self.sink_tokens}) must be a multiple of the "
                              f"granule ({self.granule})")
+        if self.exact_floor >= self.model.max_position_embeddings:
+            raise ValueError(f"exact_floor ({self.exact_floor}) must be below the model's "
+                             f"context ({self.model.max_position_embeddings}): at or above "
+                             "it the plan is dense attention")
         if self.head_classes is not None:
             self._check_head_classes(shape)
         return self
@@ -141,6 +149,7 @@ class Plan(BaseModel):
             min_window=self.min_window,
             elastic=self.elastic,
             granule=self.granule,
+            exact_floor=self.exact_floor,
         )
 
     def to_json(self) -> str:
@@ -240,6 +249,7 @@ def uniform_plan(
     min_window: int = 64,
     grow: bool = False,
     granule: int = 1,
+    exact_floor: int = 0,
 ) -> Plan:
     """StreamingLLM-style baseline: the same window for every head.
 
@@ -265,6 +275,7 @@ def uniform_plan(
         elastic=elastic,
         min_window=min_window,
         granule=granule,
+        exact_floor=exact_floor,
         rules=[[rule] * model.num_kv_heads for _ in range(model.num_layers)],
         provenance=Provenance(method="uniform", created=now_iso(), details=details),
     )

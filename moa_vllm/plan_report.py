@@ -20,7 +20,7 @@ from moa_vllm.span_classes import (
     cdiv,
 )
 
-REPORT_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
+REPORT_LENGTHS = (512, 1024, 1536, 2048, 4096, 8192, 16384, 32768)
 DEFAULT_BLOCK_SIZE = 16  # vLLM's default block size on CPU and CUDA
 
 
@@ -49,6 +49,8 @@ class PlanReport(BaseModel):
     sink_tokens: int
     min_window: int
     granule: int = 1
+    exact_floor: int = 0
+    """Prompts up to this many tokens are served exactly (density 1 there)."""
     head_classes: list[HeadClassReport]
     block_size: int
     densities: list[DensityAt]
@@ -86,7 +88,7 @@ def plan_report(plan: Plan, source: str, how: str, block_size: int,
     return PlanReport(
         source=source, how=how, model=plan.model, provenance=plan.provenance,
         elastic=plan.elastic, sink_tokens=plan.sink_tokens, min_window=plan.min_window,
-        granule=plan.granule, head_classes=class_reports(classes, lengths, block_size),
+        granule=plan.granule, exact_floor=plan.exact_floor, head_classes=class_reports(classes, lengths, block_size),
         block_size=block_size,
         densities=density_table(plan, lengths, block_size, classes),
     )
@@ -103,7 +105,8 @@ def banner(report: PlanReport) -> str:
     lines = [
         f"MoA plan: {report.source} (from {report.how}; {report.provenance.method}, "
         f"elastic={report.elastic}, {report.sink_tokens} sinks, "
-        + (f"granule {report.granule}, " if report.granule > 1 else "") +
+        + (f"granule {report.granule}, " if report.granule > 1 else "")
+        + (f"exact up to {report.exact_floor} tokens, " if report.exact_floor else "") +
         f"{len(report.head_classes)} head classes of {len(report.head_classes[0].slots)} "
         "(layer, KV head) slots)",
     ]

@@ -48,10 +48,12 @@ class HeadClass:
     min_window: int
     elastic: ElasticMode
     granule: int = 1
+    exact_floor: int = 0
 
     def window(self, n: int) -> int:
         """The widest window of the class at elastic length ``n``."""
-        return max(window_size(a, b, n, self.min_window) for a, b in self.rules)
+        return max(window_size(a, b, n, self.min_window, self.exact_floor)
+                   for a, b in self.rules)
 
     def dead_blocks(
         self, processed_tokens: int, prompt_len: int, block_size: int
@@ -131,7 +133,8 @@ class _Objective:
         bs = ASSIGNMENT_BLOCK_SIZE
         self.held = np.array([
             [HeadClass(0, (s,), rules[s], plan.sink_tokens, plan.min_window,
-                       plan.elastic, plan.granule).held_blocks(n, n, bs) for n in lengths]
+                       plan.elastic, plan.granule, plan.exact_floor).held_blocks(n, n, bs)
+             for n in lengths]
             for s in slots], dtype=np.float64)  # [slots, lengths]
         self.weight = 1.0 / np.array([cdiv(n, bs) for n in lengths], dtype=np.float64)
 
@@ -275,7 +278,8 @@ def head_classes(plan: Plan, assignment: list[list[int]], tp_size: int = 1
             members.setdefault(c, []).append((layer, j))
     return tuple(
         HeadClass(c, tuple(members[c]), tuple(sorted({r for s in members[c] for r in rules[s]})),
-                  plan.sink_tokens, plan.min_window, plan.elastic, plan.granule)
+                  plan.sink_tokens, plan.min_window, plan.elastic, plan.granule,
+                  plan.exact_floor)
         for c in sorted(members))
 
 
@@ -285,11 +289,11 @@ def assign_head_classes(plan: Plan, tp_size: int = 1,
 
 
 def head_density(alpha: int, beta: float, length: int, sink_tokens: int, min_window: int,
-                 elastic: ElasticMode, granule: int = 1) -> float:
+                 elastic: ElasticMode, granule: int = 1, exact_floor: int = 0) -> float:
     """Fraction of a ``length``-token KV cache that the next query of one head still
     reads (token granularity, what the kernels read)."""
     n = elastic_length(length, length, elastic)
-    w = window_size(alpha, quantize_beta(beta), n, min_window)
+    w = window_size(alpha, quantize_beta(beta), n, min_window, exact_floor)
     first = first_needed_position(length, w, sink_tokens, granule)
     kept = min(sink_tokens, length) + max(0, length - first)
     return min(kept, length) / length
@@ -298,7 +302,7 @@ def head_density(alpha: int, beta: float, length: int, sink_tokens: int, min_win
 def average_density(plan: Plan, length: int) -> float:
     """Mean ``head_density`` over every KV head of the plan."""
     total = sum(head_density(alpha, beta, length, plan.sink_tokens, plan.min_window,
-                             plan.elastic, plan.granule)
+                             plan.elastic, plan.granule, plan.exact_floor)
                 for row in plan.rules for alpha, beta in row)
     return total / (plan.model.num_layers * plan.model.num_kv_heads)
 

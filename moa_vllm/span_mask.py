@@ -17,7 +17,9 @@ the scheduler's integer arithmetic) computes the very same ``W``: a float
 exactly at the boundaries.
 
 ``N`` is the elastic length: the request's prompt length (``elastic="prompt"``)
-or ``t + 1`` (``elastic="position"``).
+or ``t + 1`` (``elastic="position"``). While ``N <= exact_floor`` every head reads
+every key (``W = FULL_WINDOW``): short prompts hold little KV, so a plan keeps them
+exact and spends its density where memory matters.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ BETA_SCALE = 4096
 ElasticMode = Literal["prompt", "position"]
 
 
+FULL_WINDOW = 1 << 30
+"""The window of an exact (``N <= exact_floor``) query: longer than any request."""
+
+
 def quantize_beta(beta: float) -> int:
     return int(round(beta * BETA_SCALE))
 
@@ -42,8 +48,10 @@ def beta_growth(beta_q, n):
     return -((-beta_q * n) // BETA_SCALE)
 
 
-def window_size(alpha: int, beta_q: int, n: int, min_window: int) -> int:
+def window_size(alpha: int, beta_q: int, n: int, min_window: int, exact_floor: int = 0) -> int:
     """W for one rule at elastic length ``n`` (python ints: scheduler, planner)."""
+    if n <= exact_floor:
+        return FULL_WINDOW
     return max(min_window, alpha + beta_growth(beta_q, n))
 
 
@@ -88,6 +96,7 @@ class LayerSpans:
     min_window: int
     elastic: ElasticMode
     granule: int = 1
+    exact_floor: int = 0
 
     def to(self, device: torch.device | str) -> LayerSpans:
         return LayerSpans(
@@ -97,6 +106,7 @@ class LayerSpans:
             self.min_window,
             self.elastic,
             self.granule,
+            self.exact_floor,
         )
 
     def windows(self, n: torch.Tensor) -> torch.Tensor:
@@ -104,7 +114,8 @@ class LayerSpans:
         n = n.to(torch.int64)[None, :]
         beta_q = self.beta_q.to(torch.int64)[:, None]
         alpha = self.alpha.to(torch.int64)[:, None]
-        return torch.clamp(alpha + beta_growth(beta_q, n), min=self.min_window)
+        w = torch.clamp(alpha + beta_growth(beta_q, n), min=self.min_window)
+        return torch.where(n <= self.exact_floor, FULL_WINDOW, w)
 
     def mask(
         self, q_pos: torch.Tensor, k_pos: torch.Tensor, n: torch.Tensor

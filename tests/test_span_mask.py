@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from moa_vllm.span_mask import (
     BETA_SCALE,
+    FULL_WINDOW,
     LayerSpans,
     first_needed_position,
     quantize_beta,
@@ -14,11 +15,11 @@ from moa_vllm.span_mask import (
 )
 
 
-def spans(alphas, betas, sink=4, min_window=2, elastic="position", granule=1):
+def spans(alphas, betas, sink=4, min_window=2, elastic="position", granule=1, exact_floor=0):
     return LayerSpans(
         torch.tensor(alphas, dtype=torch.int32),
         torch.tensor([quantize_beta(b) for b in betas], dtype=torch.int32),
-        sink, min_window, elastic, granule,
+        sink, min_window, elastic, granule, exact_floor,
     )
 
 
@@ -106,3 +107,23 @@ def test_key_positions_cover_every_allowed_key(granule):
     needed = set(torch.nonzero(allowed).flatten().tolist())
     assert needed <= set(k_pos.tolist())
     assert len(k_pos) < seq_len  # and it does skip what no head reads
+
+
+@pytest.mark.parametrize("elastic", ["position", "prompt"])
+def test_exact_floor_reads_every_key_up_to_it_and_the_rules_beyond(elastic):
+    """While N <= exact_floor every query reads every earlier key (decode tokens of
+    a short prompt too, in prompt mode); beyond it the rules apply unchanged."""
+    floored = spans([3, 0], [0.0, 0.25], sink=2, elastic=elastic, granule=4, exact_floor=40)
+    plain = spans([3, 0], [0.0, 0.25], sink=2, elastic=elastic, granule=4)
+    q_pos, k_pos = torch.arange(90), torch.arange(90)
+    causal = (k_pos[None, :] <= q_pos[:, None])[None].expand(2, -1, -1)
+    for prompt_len in (30, 40, 41, 80):
+        n = q_pos + 1 if elastic == "position" else torch.full_like(q_pos, prompt_len)
+        exact = n <= 40
+        got, rules = floored.mask(q_pos, k_pos, n), plain.mask(q_pos, k_pos, n)
+        assert torch.equal(got[:, exact], causal[:, exact])
+        assert torch.equal(got[:, ~exact], rules[:, ~exact])
+        if exact.any():  # the floor did something
+            assert not torch.equal(rules[:, exact], causal[:, exact])
+    assert window_size(3, 0, 40, 2, exact_floor=40) == FULL_WINDOW
+    assert window_size(3, 0, 41, 2, exact_floor=40) == 3

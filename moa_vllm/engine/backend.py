@@ -13,6 +13,8 @@ from moa_vllm.engine.vllm_surface import (
     AttentionBackend,
     AttentionType,
     MultipleOf,
+    get_current_vllm_config,
+    kv_block_size,
 )
 
 
@@ -44,6 +46,12 @@ class MoaAttentionBackend(AttentionBackend):
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list:
         return [MultipleOf(16)]
+
+    @classmethod
+    def get_preferred_block_size(cls, default_block_size: int) -> int:
+        # The size MoA settled on in the front end (engine_plan.settle_block_size),
+        # when vLLM asks again in the executor (CUDA).
+        return kv_block_size(get_current_vllm_config())
 
     @classmethod
     def supports_head_size(cls, head_size: int) -> bool:

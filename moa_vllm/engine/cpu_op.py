@@ -50,27 +50,6 @@ def kv_format(device_type: str, dtype: torch.dtype, block_size: int, head_size: 
     return TOKEN_ROWS_FORMAT
 
 
-def op_block_size_hint(dtype: torch.dtype, block_size: int, head_size: int,
-                       granule: int) -> str | None:
-    """Why a plan that could run on vLLM's op will not at this block size, and the
-    block size that would (vLLM picks the ISA, and so the block layout, by dtype and
-    block size: bf16 blocks of a multiple of 32 get ``amx`` on AMX CPUs); None when
-    it will, or when the plan or ``MOA_CPU_ATTN`` keep it off the op anyway."""
-    if granule % block_size or envs.get(envs.MOA_CPU_ATTN) != "vllm":
-        return None
-    if kv_format("cpu", dtype, block_size, head_size).layout is KVLayout.CPU_ATTN:
-        return None
-    isa = cpu_attention_isa(dtype, block_size, head_size)
-    fits = [b for b in (16, 32, 64, 128) if granule % b == 0
-            and kv_format("cpu", dtype, b, head_size).layout is KVLayout.CPU_ATTN]
-    advice = (f"serve with --block-size {fits[0]} to run on it" if fits
-              else "no block size the granule allows avoids it")
-    name = str(dtype).removeprefix("torch.")
-    return (f"vLLM's CPU attention op lays {name} blocks of {block_size} tokens out for "
-            f"its '{isa}' ISA, which MoA does not read: every step runs MoA's torch path "
-            f"(SmolLM2 decode 0.2-0.3x dense's speed); {advice}")
-
-
 def cache_format(kv_cache: torch.Tensor) -> KVFormat:
     return kv_format(kv_cache.device.type, kv_cache.dtype, kv_cache.shape[2],
                      kv_cache.shape[3] // 2)

@@ -18,8 +18,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from moa_vllm.engine import block_choice
 from moa_vllm.engine import stats, vllm_surface
-from moa_vllm.engine.cpu_op import op_block_size_hint
 from moa_vllm.engine.kv_cache import MoaSpanSpec
 from moa_vllm.plan import Plan, PlanError, fingerprint_from_hf_config
 from moa_vllm.plan_discovery import resolve_plan
@@ -140,6 +140,24 @@ def unsupported(vllm_config) -> list[str]:
     return problems
 
 
+def settle_block_size(vllm_config, plan: Plan, source: str, head_size: int) -> None:
+    """The user's ``--block-size`` if it can serve the plan (else one line why not),
+    or the one MoA picks (``block_size.choose``), said in the start-up log."""
+    device = vllm_surface.device_type(vllm_config)
+    dtype = vllm_surface.model_dtype(vllm_config)
+    block_size = vllm_surface.kv_block_size(vllm_config)
+    if vllm_surface.user_chose_block_size(vllm_config):
+        block_choice.check_user_choice(block_size, plan.granule, source)
+        if device == "cpu" and (hint := block_choice.op_hint(dtype, block_size, head_size,
+                                                             plan.granule)):
+            logger.warning("MoA: %s", hint)
+        return
+    choice = block_choice.choose(device, dtype, head_size, plan.granule, block_size, source)
+    vllm_surface.set_kv_block_size(vllm_config, choice.size)
+    logger.info("MoA: KV block size %d (no --block-size given; vLLM's default here is %d): "
+                "%s", choice.size, block_size, choice.why)
+
+
 def configure_engine(vllm_config) -> None:
     """Resolve and validate the plan once, in the process that parses the
     arguments, and set the engine options MoA needs. Raises PlanError."""
@@ -160,17 +178,7 @@ def configure_engine(vllm_config) -> None:
     record = EnginePlan(resolved.plan, resolved.source, resolved.how,
                         vllm_surface.tensor_parallel_size(vllm_config))
     plan = record.plan
-    block_size = vllm_surface.kv_block_size(vllm_config)
-    if plan.granule > 1 and plan.granule % block_size:
-        fits = [b for b in (16, 32, 64, 128, 256) if plan.granule % b == 0] or [plan.granule]
-        raise PlanError(
-            f"{record.source}: the plan's granule ({plan.granule} tokens) needs a KV block "
-            f"size that divides it, got --block-size {block_size}; serve it with "
-            f"--block-size {' or '.join(map(str, fits))}")
-    if vllm_surface.device_type(vllm_config) == "cpu" and (hint := op_block_size_hint(
-            vllm_surface.model_dtype(vllm_config), block_size, fingerprint.head_dim,
-            plan.granule)):
-        logger.warning("MoA: %s", hint)
+    settle_block_size(vllm_config, plan, record.source, fingerprint.head_dim)
     logger.info("MoA plan %s (from %s): %s, elastic=%s, sinks=%d, %d head classes of %d "
                 "(layer, KV head) slots", record.source, record.how, plan.provenance.method,
                 plan.elastic, plan.sink_tokens, len(record.head_classes),

@@ -38,13 +38,14 @@ class MoaSpanSpec(FullAttentionSpec):
     elastic: ElasticMode
     in_flight_tokens: int  # tokens scheduled but not settled (admission, sizing)
     granule: int = 1
+    exact_floor: int = 0
 
     _SPAN_FIELDS = ("head_class", "span_rules", "sink_tokens", "min_window", "elastic",
-                    "in_flight_tokens", "granule")
+                    "in_flight_tokens", "granule", "exact_floor")
 
     def span(self) -> HeadClass:
         return HeadClass(self.head_class, (), self.span_rules, self.sink_tokens,
-                         self.min_window, self.elastic, self.granule)
+                         self.min_window, self.elastic, self.granule, self.exact_floor)
 
     def _span_key(self) -> tuple:
         return tuple(getattr(self, f) for f in self._SPAN_FIELDS)
@@ -89,6 +90,7 @@ class MoaSpanSpec(FullAttentionSpec):
             elastic=head_class.elastic,
             in_flight_tokens=in_flight_tokens,
             granule=head_class.granule,
+            exact_floor=head_class.exact_floor,
         )
 
 

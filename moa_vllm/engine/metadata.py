@@ -149,7 +149,8 @@ class MoaAttentionMetadataBuilder(AttentionMetadataBuilder[MoaAttentionMetadata]
         alpha, beta_q = zip(*rules)
         rules_spans = LayerSpans(torch.tensor(alpha, dtype=torch.int32),
                                  torch.tensor(beta_q, dtype=torch.int32), plan.sink_tokens,
-                                 plan.min_window, plan.elastic, plan.granule)
+                                 plan.min_window, plan.elastic, plan.granule,
+                                 plan.exact_floor)
         group = local_attention_heads(self.vllm_config) // self.num_kv_heads
         return SpanRunBuilder(rules_spans, rule_of, spec.block_size, group, spec.head_size,
                               dtype, kv.isa)

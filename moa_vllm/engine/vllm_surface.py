@@ -46,7 +46,10 @@ Contracts we rely on (vLLM file, relative to the ``vllm`` package):
   (per-request prompt lengths, filled only when
   ``model_config.model_arch_config.rswa_window`` is not None).
 - ``config/``: ``additional_config`` (ours under ``"moa"``),
-  ``cache_config.enable_prefix_caching``, ``compilation_config.cudagraph_mode``,
+  ``cache_config.enable_prefix_caching``, ``cache_config.block_size`` and
+  ``user_specified_block_size`` (set by the platform hook unless the user chose;
+  ``platforms/interface.py`` ``update_block_size_for_backend`` asks the backend's
+  ``get_preferred_block_size`` again in the executor), ``compilation_config.cudagraph_mode``,
   ``scheduler_config.max_num_seqs``.
 - ``distributed``: the tensor-parallel rank (the world size from the config).
 - ``v1/attention/ops/triton_reshape_and_cache_flash.py``: the CUDA KV write.
@@ -292,6 +295,20 @@ def kv_block_size(vllm_config: VllmConfig) -> int:
     return vllm_config.cache_config.block_size
 
 
+def user_chose_block_size(vllm_config: VllmConfig) -> bool:
+    """Whether ``--block-size`` (or ``LLM(block_size=...)``) was given
+    (``config/cache.py``: ``CacheConfig.user_specified_block_size``)."""
+    return vllm_config.cache_config.user_specified_block_size
+
+
+def set_kv_block_size(vllm_config: VllmConfig, block_size: int) -> None:
+    """Choose the block size the user did not, as the platforms' own config hooks do
+    (``platforms/cpu.py`` sets 128 there). On CUDA the executor later asks the
+    backend's ``get_preferred_block_size`` again (``platforms/interface.py``
+    ``update_block_size_for_backend``): ours answers the size set here."""
+    vllm_config.cache_config.block_size = block_size
+
+
 def device_type(vllm_config: VllmConfig) -> str:
     """``cpu``, ``cuda``, ... (``config/device.py``: ``DeviceConfig.device_type``)."""
     return vllm_config.device_config.device_type
@@ -407,6 +424,11 @@ def llm_scheduler(llm):
     """The scheduler of an offline ``LLM`` whose engine core runs in this process
     (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): tests and benchmarks read its block pool."""
     return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def llm_block_size(llm) -> int:
+    """The KV block size an offline ``LLM``'s engine settled on."""
+    return llm.llm_engine.vllm_config.cache_config.block_size
 
 
 def shutdown_llm(llm) -> None:

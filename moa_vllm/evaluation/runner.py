@@ -27,7 +27,6 @@ from moa_vllm.plan_report import density_table
 
 TOP_K = 20  # vLLM's logprobs cap: fidelity is measured on the dense top-20
 EVAL_DTYPE = "float32"  # every engine's dtype, and the dense cache KV@n is measured against
-MOA_BLOCK_SIZE = 16  # the MoA engines' block size (dense uses vLLM's CPU default, 128)
 
 
 @dataclass
@@ -87,11 +86,11 @@ def start_engine(model_dir, method: Method, workdir: Path, max_model_len: int):
                    kv_cache_memory_bytes=int(envs.get(envs.MOA_EVAL_KV_BYTES)),
                    max_logprobs=TOP_K)
     if method.plan is None:
-        return LLM(block_size=128, **options)
+        return LLM(**options)  # vLLM's default block size, as MoA's engines below
     path = workdir / f"plan-{method.name}.json"
     method.plan.save(path)
-    return LLM(attention_backend="moa", block_size=MOA_BLOCK_SIZE,
-               additional_config={"moa": {"plan": str(path)}}, **options)
+    return LLM(attention_backend="moa", additional_config={"moa": {"plan": str(path)}},
+               **options)
 
 
 def kv_bytes_per_token(model_dir, dtype: str) -> int:
@@ -159,7 +158,7 @@ def run_eval(model_dir, methods: list[Method], tasks, lengths, depths, samples: 
     from transformers import AutoTokenizer
     from vllm import SamplingParams
 
-    from moa_vllm.engine.vllm_surface import shutdown_llm
+    from moa_vllm.engine.vllm_surface import llm_block_size, shutdown_llm
 
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the block pool is read in process
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -178,12 +177,12 @@ def run_eval(model_dir, methods: list[Method], tasks, lengths, depths, samples: 
     for method in tqdm(methods, desc="methods", position=0):
         started = time.time()
         res = MethodResult(method.name)
+        llm = start_engine(model_dir, method, Path(plans_dir.name), max_len)
         if method.plan is not None:
             res.densities = {
                 d.length: {"average": d.average_density, "allocated": d.allocated_density}
                 for d in density_table(method.plan, sorted({*lengths, *fidelity_lengths}),
-                                       MOA_BLOCK_SIZE)}
-        llm = start_engine(model_dir, method, Path(plans_dir.name), max_len)
+                                       llm_block_size(llm))}
         texts, held = answer_and_measure(llm, [s.prompt for s in prompts], answer)
         for length in lengths:
             fractions = [h / per_token for s, h in zip(prompts, held) if s.length == length]

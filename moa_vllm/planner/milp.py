@@ -258,13 +258,15 @@ def pareto_filter(sols: list[Solution]) -> list[Solution]:
     return sorted(front, key=lambda s: tuple(s.objectives[::-1]))
 
 
-def cost_tables(rules, lengths, sink_tokens, min_window, elastic, block_size, granule=1):
+def cost_tables(rules, lengths, sink_tokens, min_window, elastic, block_size, granule=1,
+                exact_floor=0):
     """dens/held ``[rules, lengths]`` and dense blocks ``[lengths]``."""
     from moa_vllm.planner.rules import rule_density, rule_held_blocks
 
-    dens = np.array([[rule_density(r, n, sink_tokens, min_window, elastic, granule)
+    dens = np.array([[rule_density(r, n, sink_tokens, min_window, elastic, granule, exact_floor)
                       for n in lengths] for r in rules])
-    held = np.array([[rule_held_blocks(r, n, sink_tokens, min_window, elastic, block_size, granule)
+    held = np.array([[rule_held_blocks(r, n, sink_tokens, min_window, elastic, block_size, granule,
+                                       exact_floor)
                       for n in lengths] for r in rules])
     dense = np.array([cdiv(n, block_size) for n in lengths])
     return dens, held, dense

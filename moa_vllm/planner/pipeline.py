@@ -54,17 +54,21 @@ class SearchConfig:
     density: float = _opt(MISSING, "KV density budget (average and allocated) at every "
                           "length of interest")
     out: str = _opt(MISSING, "where to write the plan")
+    exact_floor: int = _opt(1024, "prompts up to this many tokens stay exact (every head "
+                            "reads every key): they hold little KV, and most requests are "
+                            "short; budgets and losses start above it (0: no floor)")
     lengths: list[int] | None = _opt(
-        None, "profiling lengths, each one loss the Pareto sweep trades (default: 512 "
-        "doubling up to half the context, at most 16384: short prompts are most requests)")
+        None, "profiling lengths, each one loss the Pareto sweep trades (default: 3/2 of "
+        "the exact floor, and 512 doubling up to half the context, at most 16384, above "
+        "the floor: the shortest windowed prompts are most requests)")
     validate_lengths: list[int] | None = _opt(
         None, "unseen validation lengths the plan is chosen on (default: 3/4 and 3/2 of the "
         "shortest and 3/2 of the longest profiled length within the context; empty: no "
         "validation)")
     density_lengths: list[int] | None = _opt(
         None, "lengths the densities are constrained at (default: profiling and validation "
-        "lengths, and 512 up to the context at powers of two and halfway between, from "
-        "where sinks + min_window are at most half the budget: 512 tokens for 0.5)")
+        "lengths, and 512 up to the context at powers of two and halfway between, above "
+        "the exact floor and from where sinks + min_window are at most half the budget)")
     budget_slack: float = _opt(
         0.05, "every length of interest spends at least the density budget minus this, so "
         "no head class gives up its span at short prompts to save budget nobody uses "
@@ -138,13 +142,20 @@ class SearchLengths:
 
 
 def resolve_lengths(cfg: SearchConfig, context: int) -> SearchLengths:
-    """Defaults span the prompts a server sees: profiling from 512 tokens; validation
-    below the shortest profile (384), between the two shortest (most requests are
-    short) and beyond the longest; budgets from ``budget_start`` up to the context."""
-    profile = sorted(cfg.lengths or _doublings(512, min(context // 2, 16384)))
+    """Defaults span the windowed prompts a server sees (those above the exact floor):
+    profiling from 3/2 of the floor (512 without one); validation below the shortest
+    profile, between the two shortest (most requests are short) and beyond the
+    longest; budgets from ``budget_start`` up to the context. Nothing at or below the
+    floor: the plan is exact there."""
+    floor = cfg.exact_floor
+    doublings = [n for n in _doublings(512, min(context // 2, 16384)) if n > floor]
+    profile = sorted(cfg.lengths or ({floor * 3 // 2} if floor else set()) | set(doublings))
     validate = sorted(cfg.validate_lengths if cfg.validate_lengths is not None else
                       {profile[0] * 3 // 4, profile[0] * 3 // 2,
                        min(context, profile[-1] * 3 // 2)} - set(profile))
+    if min(profile + validate) <= floor:
+        raise ValueError(f"profiling and validation lengths must be above the exact floor "
+                         f"({floor}): the plan is exact there; got {min(profile + validate)}")
     samples = cfg.samples or [default_samples(n) for n in profile]
     vsamples = cfg.validate_samples or [max(2, 8192 // n) for n in validate]
     if len(samples) != len(profile) or len(vsamples) != len(validate):
@@ -152,7 +163,7 @@ def resolve_lengths(cfg: SearchConfig, context: int) -> SearchLengths:
     start = budget_start(cfg.density, cfg.sink_tokens, cfg.min_window)
     density = sorted(set(cfg.density_lengths or
                          [n for n in profile + validate + [start] + objective_lengths(context)
-                          if start <= n <= context]))
+                          if max(start, floor + 1) <= n <= context]))
     return SearchLengths(profile, samples, validate, vsamples, density)
 
 
@@ -251,7 +262,7 @@ class _Run:
         return Plan(
             version=PLAN_VERSION, model=self.fp, sink_tokens=cfg.sink_tokens,
             elastic=cfg.elastic, min_window=cfg.min_window, granule=cfg.granule,
-            max_span_classes=cfg.max_span_classes,
+            exact_floor=cfg.exact_floor, max_span_classes=cfg.max_span_classes,
             rules=table,
             head_classes=single_rule_classes(table, self.num_classes,
                                              self.fp.max_position_embeddings, cfg.min_window),
@@ -326,11 +337,13 @@ def _problem(run: _Run, profiles: dict, profile_info: dict):
         losses = np.stack([
             rule_losses(profiles[n], rules, n, cfg.profile_block, cfg.sink_tokens,
                         cfg.min_window, cfg.elastic,
-                        int(round(profile_info[n]["mean_prompt_len"])), cfg.granule)
+                        int(round(profile_info[n]["mean_prompt_len"])), cfg.granule,
+                        cfg.exact_floor)
             for n in sorted(profiles)
         ])
         dens, held, dense = cost_tables(rules, lengths, cfg.sink_tokens, cfg.min_window,
-                                        cfg.elastic, cfg.block_size, cfg.granule)
+                                        cfg.elastic, cfg.block_size, cfg.granule,
+                                        cfg.exact_floor)
     prob = Problem(losses, dens, held, dense, cfg.density, _alloc_budget(cfg), run.num_classes,
                    cfg.budget_slack)
     return rules, losses, prob
@@ -369,6 +382,7 @@ def _pareto_front(run: _Run, rules, losses, prob) -> tuple[list, list]:
            "grid": cfg.pareto_grid, "tl": cfg.time_limit, "gap": cfg.mip_rel_gap,
            "rules": [r.as_tuple() for r in rules], "elastic": cfg.elastic,
            "sink": cfg.sink_tokens, "minw": cfg.min_window, "granule": cfg.granule,
+           "floor": cfg.exact_floor,
            "bs": cfg.block_size, "milp_version": 3}
     value, arrays = run.cache.get("milp", key, compute)
     front = list(zip(arrays["choices"], map(np.array, value["objectives"])))
@@ -396,7 +410,8 @@ def _validate(run: _Run, plans: list[Plan | None]) -> dict[int, list[float]]:
         for plan in tqdm(plans, desc=f"validate {length}", disable=not run.cfg.progress,
                          leave=False):
             spans = None if plan is None else [plan.rules, plan.sink_tokens, plan.elastic,
-                                               plan.min_window, plan.granule]
+                                               plan.min_window, plan.granule,
+                                               plan.exact_floor]
 
             def compute(plan=plan):
                 model, _ = run.model()
@@ -444,7 +459,7 @@ def run_search(cfg: SearchConfig) -> Plan:
         # dense and the equal-density uniform window are scored beside the front
         uniform = uniform_plan(run.fp, cfg.density, sink_tokens=cfg.sink_tokens,
                                elastic=cfg.elastic, min_window=cfg.min_window, grow=True,
-                               granule=cfg.granule)
+                               granule=cfg.granule, exact_floor=cfg.exact_floor)
         scores = _validate(run, [None, uniform] + [run.make_plan(rules, c) for c, _ in front])
         best, relative = choose(scores)
         for n, v in scores.items():

@@ -22,6 +22,7 @@ import numpy as np
 
 from moa_vllm.span_classes import HeadClass, cdiv, head_density
 from moa_vllm.span_mask import (
+    FULL_WINDOW,
     ElasticMode,
     beta_growth,
     quantize_beta,
@@ -92,6 +93,7 @@ def dropped_fraction(
     elastic: ElasticMode,
     prompt_len: int | None = None,
     granule: int = 1,
+    exact_floor: int = 0,
 ) -> np.ndarray:
     """``[nb, nb]``: fraction of each tile's causal entries the rule's mask drops."""
     t = np.arange(length, dtype=np.int64)
@@ -100,6 +102,7 @@ def dropped_fraction(
     else:
         n = np.full_like(t, prompt_len or length)
     w = np.maximum(min_window, rule.alpha + beta_growth(rule.beta_q, n))
+    w = np.where(n <= exact_floor, FULL_WINDOW, w)
     lo = np.maximum(0, window_start(t, w, granule))  # window keys [lo, t]
     s = np.minimum(sink_tokens, t + 1)  # sink keys [0, s)
     lo = np.maximum(lo, s)  # disjoint union [0, s) + [lo, t]
@@ -132,6 +135,7 @@ def rule_losses(
     elastic: ElasticMode,
     prompt_len: int | None = None,
     granule: int = 1,
+    exact_floor: int = 0,
 ) -> np.ndarray:
     """``[layers, kv_heads, rules]`` loss of each rule on one length's profile."""
     nb = importance.shape[-1]
@@ -139,23 +143,24 @@ def rule_losses(
     flat = importance.reshape(-1, nb * nb)
     for r, rule in enumerate(rules):
         frac = dropped_fraction(rule, nb * block, block, sink_tokens, min_window, elastic,
-                                prompt_len, granule)
+                                prompt_len, granule, exact_floor)
         out[..., r] = (flat @ frac.reshape(-1)).reshape(importance.shape[:2])
     return out
 
 
 def rule_density(rule: Rule, length: int, sink_tokens: int, min_window: int, elastic: ElasticMode,
-                 granule: int = 1) -> float:
+                 granule: int = 1, exact_floor: int = 0) -> float:
     """The per-head term of ``span_classes.average_density`` at ``length``."""
-    return head_density(rule.alpha, rule.beta, length, sink_tokens, min_window, elastic, granule)
+    return head_density(rule.alpha, rule.beta, length, sink_tokens, min_window, elastic, granule,
+                        exact_floor)
 
 
 def rule_held_blocks(
     rule: Rule, length: int, sink_tokens: int, min_window: int, elastic: ElasticMode, block_size: int,
-    granule: int = 1,
+    granule: int = 1, exact_floor: int = 0,
 ) -> int:
     """``HeadClass.held_blocks`` of a class whose widest rule is this one (held
     blocks only grow with the window, so a class holds its widest rule's count)."""
     head_class = HeadClass(0, (), ((rule.alpha, rule.beta_q),), sink_tokens, min_window,
-                           elastic, granule)
+                           elastic, granule, exact_floor)
     return head_class.held_blocks(length, length, block_size)

@@ -13,7 +13,6 @@ from moa_vllm.engine import cpu_op
 from moa_vllm.engine.cpu_op import (
     SpanRunBuilder,
     kv_format,
-    op_block_size_hint,
     span_attention,
 )
 from moa_vllm.engine.vllm_surface import cpu_attn_write
@@ -25,10 +24,10 @@ BS, D, GROUP = 16, 64, 3
 RULES = [(40, 0.0), (-30, 0.25), (8, 0.5)]  # one per KV head; the third narrower than g
 
 
-def rules_spans(elastic, sinks, granule):
+def rules_spans(elastic, sinks, granule, exact_floor=0):
     alpha = torch.tensor([a for a, _ in RULES], dtype=torch.int32)
     beta = torch.tensor([quantize_beta(b) for _, b in RULES], dtype=torch.int32)
-    return LayerSpans(alpha, beta, sinks, 8, elastic, granule)
+    return LayerSpans(alpha, beta, sinks, 8, elastic, granule, exact_floor)
 
 
 SEQ_LENS = [700, 167, 300, 1200]  # keys after the step
@@ -72,10 +71,13 @@ def run(q, caches, runs):
 
 
 @pytest.mark.parametrize("elastic", ["position", "prompt"])
-@pytest.mark.parametrize("sinks,granule", [(0, 16), (16, 16), (0, 64), (64, 64)])
+@pytest.mark.parametrize("sinks,granule,floor", [(0, 16, 0), (16, 16, 0), (0, 64, 0),
+                                                 (64, 64, 0), (64, 64, 500)])
 @pytest.mark.parametrize("q_lens", [Q_LENS, [1, 1, 1, 1]], ids=["mixed", "decode"])
-def test_vllm_op_matches_oracle(elastic, sinks, granule, q_lens):
-    spans = rules_spans(elastic, sinks, granule)
+def test_vllm_op_matches_oracle(elastic, sinks, granule, floor, q_lens):
+    """``floor`` 500: prompt mode serves requests 2 and 3 whole, position mode every
+    query up to 500 (part of request 4's chunk)."""
+    spans = rules_spans(elastic, sinks, granule, floor)
     q, caches, runs, ref, *_ = batch_case(granule + sinks, spans, q_lens)
     for rule in runs.rules:  # the spans cut; a prefill chunk is several runs
         assert int(rule.seq_lens.max()) < max(SEQ_LENS)
@@ -158,17 +160,3 @@ def test_only_whole_block_plans_run_on_vllm_op(monkeypatch):
     monkeypatch.setenv("MOA_CPU_ATTN", "fast")
     with pytest.raises(ValueError, match="MOA_CPU_ATTN must be 'vllm' or 'torch'"):
         SpanRunBuilder.supports(64, BS, fmt)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("block_size", [16, 32, 64])
-def test_block_size_hint_names_a_block_size_on_the_op(dtype, block_size):
-    """The start-up warning appears exactly when vLLM picks a layout we do not read
-    (e.g. ``amx`` for bf16 on AMX CPUs), and the block size it names runs on the op."""
-    hint = op_block_size_hint(dtype, block_size, 64, granule=64)
-    on_op = kv_format("cpu", dtype, block_size, 64).layout is KVLayout.CPU_ATTN
-    assert (hint is None) == on_op
-    if hint is not None and "--block-size" in hint:
-        suggested = int(hint.rsplit("--block-size ", 1)[1].split()[0])
-        assert kv_format("cpu", dtype, suggested, 64).layout is KVLayout.CPU_ATTN
-    assert op_block_size_hint(dtype, block_size, 64, granule=1) is None

@@ -39,6 +39,7 @@ def make_case(
     sink_tokens: int = 4,
     min_window: int = 1,
     granule: int = 1,
+    exact_floor: int = 0,
     elastic: str = "position",
     prompt_lens: list[int] | None = None,
     dtype: torch.dtype = torch.float32,
@@ -83,6 +84,7 @@ def make_case(
         min_window=min_window,
         elastic=elastic,
         granule=granule,
+        exact_floor=exact_floor,
     )
     if prompt_lens is None:
         prompt_lens = [s - q for s, q in zip(seq_lens, query_lens)]
@@ -109,7 +111,8 @@ def run_kernel(case: Case, out: torch.Tensor | None = None, **kw) -> torch.Tenso
         case.spans.alpha, case.spans.beta_q, case.spans.sink_tokens, case.spans.min_window,
         case.spans.elastic == "position",
         case.prompt_lens if case.spans.elastic == "prompt" else None,
-        case.scale, out, case.max_query_len, case.max_seq_len, granule=case.spans.granule, **kw,
+        case.scale, out, case.max_query_len, case.max_seq_len, granule=case.spans.granule,
+        exact_floor=case.spans.exact_floor, **kw,
     )
     return out
 

@@ -179,3 +179,19 @@ def test_granule_spans(device, granule, elastic, sink_granules):
     assert_matches(case, num_splits=3)
     exact = dataclasses.replace(case, spans=dataclasses.replace(case.spans, granule=1))
     assert (out - reference(exact)).abs().max() > 1e-3  # the granule does widen spans
+
+
+@pytest.mark.parametrize("elastic", ["position", "prompt"])
+def test_exact_floor(device, elastic):
+    """Requests (prompt mode) or positions (position mode) at or below the exact
+    floor read every key; the others their spans: decode and a prefill chunk."""
+    case = make_case(
+        [300, 170, 90], [1, 45, 1], num_heads=4, num_kv_heads=2, head_size=HEAD,
+        block_size=16, rules=[(5, 0.0), (20, 0.25)], sink_tokens=16, granule=16,
+        exact_floor=150, elastic=elastic,
+        prompt_lens=[260, 150, 80] if elastic == "prompt" else None, device=device, seed=7,
+    )
+    out = assert_matches(case)
+    assert_matches(case, num_splits=3)
+    no_floor = dataclasses.replace(case, spans=dataclasses.replace(case.spans, exact_floor=0))
+    assert (out - reference(no_floor)).abs().max() > 1e-3  # the floor does widen spans

@@ -15,7 +15,8 @@ from moa_vllm.span_classes import allocated_density, assign_head_classes, averag
 def search_args(model_dir, tmp_path):
     return build_parser().parse_args([
         "plan", "search", "--model", str(model_dir), "--density", "0.5",
-        "--lengths", "256,512", "--validate-lengths", "128,768", "--samples", "2,1",
+        "--lengths", "256,512", "--validate-lengths", "224,768", "--samples", "2,1",
+        "--exact-floor", "192",
         "--validate-samples", "2,1", "--answer-tokens", "16", "--threads", "2",
         "--work-dir", str(tmp_path / "work"), "--no-progress",
         "--out", str(tmp_path / "tiny-moa.json"),
@@ -48,11 +49,15 @@ def test_plan_search_end_to_end(tiny_dir, tmp_path):
     assert details["solver"]["solves"]
     # chosen on a shorter and a longer unseen length, dense and the equal-density
     # uniform window scored beside the searched plans
-    assert sorted(details["validation"]["per_length"]) == ["128", "768"]
+    assert sorted(details["validation"]["per_length"]) == ["224", "768"]
     for v in details["validation"]["per_length"].values():
         assert v["chosen_loss"] >= 0.0 and v["uniform_loss"] >= 0.0 and v["dense_loss"] >= 0.0
     # budgets from where sinks + min_window are half the budget: (64 + 64) * 2 / 0.5
     assert details["density_lengths"][0] == 512
+    # prompts up to the floor exact (density 1), the rules beyond
+    assert plan.exact_floor == 192
+    assert average_density(plan, 192) == allocated_density(plan, 192, 16) == 1.0
+    assert average_density(plan, 512) < 1.0
     # one rule per head class: the block pool holds the average density
     assert plan.head_classes is not None
     assert all(len(c.rules) == 1 for c in assign_head_classes(plan))
@@ -83,20 +88,30 @@ def test_plan_search_on_qwen3(tiny_model_of, tmp_path):
     assert generate_with(model_dir, plan, tmp_path) == 4
 
 
-def test_default_lengths_span_short_prompts_to_the_context():
+def test_default_lengths_span_windowed_prompts_to_the_context():
+    """From just above the exact floor (1024 by default) to the context."""
     from moa_vllm.planner.pipeline import SearchConfig, resolve_lengths
 
     lengths = resolve_lengths(SearchConfig(model="m", density=0.5, out="o"), 8192)
-    assert lengths.profile == [512, 1024, 2048, 4096]
-    assert lengths.validate == [384, 768, 6144]  # unseen: shorter, between, longer
+    assert lengths.profile == [1536, 2048, 4096]
+    assert lengths.validate == [1152, 2304, 6144]  # unseen: shorter, between, longer
     assert lengths.validate_samples[0] > lengths.validate_samples[-1] >= 2
-    assert lengths.density[0] == 512 and lengths.density[-1] == 8192
-    assert resolve_lengths(SearchConfig(model="m", density=0.25, out="o"), 8192).density[0] == 1024
-    assert set(lengths.profile + lengths.validate[1:]) <= set(lengths.density)
+    assert lengths.density[0] == 1152 and lengths.density[-1] == 8192
+    assert set(lengths.profile + lengths.validate) <= set(lengths.density)
     long = resolve_lengths(SearchConfig(model="m", density=0.5, out="o"), 131072)
     assert long.profile[-1] == 16384 and long.validate[-1] == 24576
     assert resolve_lengths(SearchConfig(model="m", density=0.5, out="o",
                                         validate_lengths=[]), 8192).validate == []
+    # without a floor: from 512, budgets where sinks + min_window are half the budget
+    no_floor = resolve_lengths(SearchConfig(model="m", density=0.5, out="o", exact_floor=0),
+                               8192)
+    assert no_floor.profile == [512, 1024, 2048, 4096]
+    assert no_floor.validate == [384, 768, 6144] and no_floor.density[0] == 512
+    assert resolve_lengths(SearchConfig(model="m", density=0.25, out="o", exact_floor=0),
+                           8192).density[0] == 1024
+    with pytest.raises(ValueError, match="above the exact floor"):
+        resolve_lengths(SearchConfig(model="m", density=0.5, out="o",
+                                     validate_lengths=[768, 2048]), 8192)
 
 
 def test_choose_takes_the_plan_that_holds_at_every_length():

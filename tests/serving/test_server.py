@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from moa_testing import model_fingerprint
 
-from moa_vllm.plan import PlanError, uniform_plan
+from moa_vllm.plan import PlanError, load_plan, uniform_plan
 
 VLLM = str(Path(sys.executable).parent / "vllm")
 
@@ -35,18 +35,20 @@ def post(url: str, payload: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def server(smollm2_dir, tmp_path_factory):
+    """``vllm serve MODEL --attention-backend moa`` as an operator turns it on: no
+    ``--block-size``, no plan (discovery finds the shipped default), vLLM's default
+    dtype; the other flags only bound the test's time and memory."""
     tmp = tmp_path_factory.mktemp("server")
-    plan = uniform_plan(model_fingerprint(smollm2_dir), 0.5, length=512, sink_tokens=32)
-    plan.save(tmp / "plan.json")
     port = free_port()
-    env = {**os.environ, "MOA_PLAN": str(tmp / "plan.json"), "PYTHONSAFEPATH": "1",
-           "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_LOGGING_LEVEL": "INFO"}
+    env = {k: v for k, v in os.environ.items() if k not in ("MOA_PLAN", "MOA_PLANS_DIR")}
+    env.update(PYTHONSAFEPATH="1", VLLM_ENABLE_V1_MULTIPROCESSING="1",
+               VLLM_LOGGING_LEVEL="INFO")
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen(
         [VLLM, "serve", str(smollm2_dir), "--served-model-name", "smollm2",
-         "--attention-backend", "moa", "--port", str(port), "--dtype", "float32",
-         "--enforce-eager", "--max-model-len", "2048", "--block-size", "16",
-         "--max-num-seqs", "4", "--kv-cache-memory-bytes", str(512 << 20)],
+         "--attention-backend", "moa", "--port", str(port), "--enforce-eager",
+         "--max-model-len", "4096", "--max-num-seqs", "4",
+         "--kv-cache-memory-bytes", str(512 << 20)],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
@@ -72,7 +74,20 @@ def test_chat_completion_through_moa(server):
     })
     assert "Paris" in reply["choices"][0]["message"]["content"]
     text = log.read_text()
-    assert "MoA plan" in text and "plan.json" in text  # the plan the server loaded
+    assert "MoA plan" in text and "smollm2-135m-moa-0.5.json" in text  # the shipped default
+    assert "MoA: KV block size" in text and "no --block-size given" in text  # MoA chose
+
+
+def test_plan_route_reports_the_served_plan(server):
+    base, _ = server
+    with urllib.request.urlopen(f"{base}/v1/moa/plan", timeout=30) as response:
+        report = json.loads(response.read())
+    plan = load_plan(report["source"])
+    assert report["source"].endswith("smollm2-135m-moa-0.5.json")
+    assert report["exact_floor"] == plan.exact_floor > 0
+    assert 64 % report["block_size"] == 0  # the block size MoA chose serves the granule
+    dense_up_to_floor = [d for d in report["densities"] if d["length"] <= plan.exact_floor]
+    assert dense_up_to_floor and all(d["allocated_density"] == 1.0 for d in dense_up_to_floor)
 
 
 def test_bad_plan_fails_before_the_engine_starts(tiny_dir, tmp_path, monkeypatch):

@@ -4,7 +4,8 @@ Every KV head has its own window rule ``W = max(min_window, alpha +
 ceil(beta_q * N / BETA_SCALE))`` plus ``sink_tokens`` always-kept keys; a query at
 absolute position ``t`` reads key ``j`` iff ``j <= t`` and (``j < sink_tokens`` or
 ``j >= floor((t - W + 1) / granule) * granule``). ``N`` is ``t + 1`` (elastic
-"position") or the request's prompt length (elastic "prompt").
+"position") or the request's prompt length (elastic "prompt"); while
+``N <= exact_floor`` a query reads every key.
 
 Layout of the work (after vLLM's ``triton_unified_attention``, own code):
 
@@ -34,6 +35,7 @@ import triton
 import triton.language as tl
 
 BETA_SCALE = 4096  # must match moa_vllm.span_mask.BETA_SCALE
+FULL_WINDOW = tl.constexpr(1 << 30)  # must match moa_vllm.span_mask.FULL_WINDOW
 LOG2E = 1.4426950408889634
 
 
@@ -75,6 +77,7 @@ def _span_attention_kernel(
     head_offset_ptr,  # [num_kv_heads] int64: element offset of each head's cache (PER_HEAD)
     sink_tokens,
     min_window,
+    exact_floor,  # N <= exact_floor: every key (span_mask.FULL_WINDOW)
     granule,
     qk_scale,  # softmax scale * log2(e)
     num_seqs,
@@ -149,6 +152,7 @@ def _span_attention_kernel(
     # ceil(bn / BETA_DEN) with divisions of non-negative numbers only
     ceil_bn = tl.where(bn >= 0, (bn + (BETA_DEN - 1)) // BETA_DEN, -((-bn) // BETA_DEN))
     window = tl.maximum(alpha + ceil_bn, min_window)  # [BLOCK_M] int64
+    window = tl.where(n <= exact_floor, FULL_WINDOW, window)
     t64 = t_pos.to(tl.int64)
 
     # ---- loop bounds: sink tiles, then window tiles ----
@@ -355,6 +359,7 @@ def span_attention_paged(
     head_tables: torch.Tensor | None = None,
     head_offsets: torch.Tensor | None = None,
     granule: int = 1,
+    exact_floor: int = 0,
     num_splits: int | None = None,
     tile_size: int | None = None,
     block_m: int | None = None,
@@ -432,7 +437,8 @@ def span_attention_paged(
         prompt_lens if prompt_lens is not None else seq_lens,
         alpha, beta_q,
         head_tables if per_head else alpha, head_offsets if per_head else alpha,
-        int(sink_tokens), int(min_window), int(granule), float(scale) * LOG2E, num_seqs,
+        int(sink_tokens), int(min_window), int(exact_floor), int(granule),
+        float(scale) * LOG2E, num_seqs,
         query.stride(0), query.stride(1), query.stride(2),
         output.stride(0), output.stride(1), output.stride(2),
         block_table.stride(0) if per_head else 0, block_table.stride(-2),
