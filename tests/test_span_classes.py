@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from moa_vllm.plan import PLAN_VERSION, ModelFingerprint, Plan, Provenance
+from moa_vllm.plan import PLAN_VERSION, ModelFingerprint, Plan, Provenance, uniform_plan
 from moa_vllm.span_classes import (
     allocated_density,
     assign_head_classes,
@@ -153,3 +153,22 @@ def test_densities_of_a_uniform_window():
     assert abs(allocated_density(plan, 4096, 16) - 0.25) < 0.01
     # window 960 + 64 sinks: the next query (t=1024) no longer reads position 64
     assert average_density(plan, 1024) == 1023 / 1024
+
+
+@pytest.mark.parametrize("elastic", ["position", "prompt"])
+def test_exact_floor_holds_everything_up_to_it(elastic):
+    """Densities (what heads read, what the block pool holds) are 1 up to the floor
+    and the plan's own beyond it; a prompt-elastic request under the floor keeps
+    every block through its decode too."""
+    plain = uniform_plan(random_plan().model, 0.25, elastic=elastic, grow=True, granule=64)
+    floored = uniform_plan(plain.model, 0.25, elastic=elastic, grow=True, granule=64,
+                           exact_floor=1024)
+    # the next query of an n-token request has N = n (prompt) or n + 1 (position)
+    for n in (512, 1024 if elastic == "prompt" else 1023):
+        assert average_density(floored, n) == allocated_density(floored, n, 16) == 1.0
+        assert allocated_density(plain, n, 16) < 0.5  # the floor did something
+    for n in (1088, 4096):
+        assert allocated_density(floored, n, 16) == allocated_density(plain, n, 16)
+    widest = assign_head_classes(floored)[0]
+    held = widest.held_blocks(2000, 1000, 16) if elastic == "prompt" else None
+    assert held in (None, cdiv(2000, 16))

@@ -86,7 +86,7 @@ def test_plan_route_reports_the_served_plan(server):
     assert report["source"].endswith("smollm2-135m-moa-0.5.json")
     assert report["exact_floor"] == plan.exact_floor > 0
     assert 64 % report["block_size"] == 0  # the block size MoA chose serves the granule
-    dense_up_to_floor = [d for d in report["densities"] if d["length"] <= plan.exact_floor]
+    dense_up_to_floor = [d for d in report["densities"] if d["length"] < plan.exact_floor]
     assert dense_up_to_floor and all(d["allocated_density"] == 1.0 for d in dense_up_to_floor)
 
 
