@@ -1,6 +1,7 @@
 """Every ``MOA_*`` environment variable, in one table (vLLM's ``envs.py`` is the
-model): name, what it does, its default. Read them through ``get``; the README's
-"Environment variables" section lists the same table."""
+model): name, what it does, its default. Read them through ``get``. The README's
+"Configuration" table is ``markdown_table()`` (``python -m moa_vllm.envs`` prints it;
+``tests/test_docs.py`` checks they match)."""
 
 from __future__ import annotations
 
@@ -55,3 +56,15 @@ def get(name: str) -> str | None:
     var = _BY_NAME[name]
     value = os.environ.get(name)
     return value if value else var.default
+
+
+def markdown_table() -> str:
+    """The README's table of these variables, so the two cannot drift apart."""
+    rows = ["| variable | default | what it does |", "| --- | --- | --- |"]
+    rows += [f"| `{v.name}` | {'-' if v.default is None else f'`{v.default}`'} | {v.doc} |"
+             for v in VARIABLES]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
