@@ -75,10 +75,14 @@ class HeadClass:
     def peak_blocks(self, prompt_len: int, in_flight_tokens: int, block_size: int) -> int:
         """Most blocks a request with this prompt holds while its prompt is computed
         (sinks + the widest window at the prompt's length, rounded down to the
-        granule, + the in-flight chunk): its admission cap, as vLLM's
-        sliding-window manager has one."""
+        granule, or in position mode the exact floor if that is more, + the
+        in-flight chunk): its admission cap, as vLLM's sliding-window manager has
+        one."""
         window = self.window(prompt_len)  # windows never shrink as N grows
-        tokens = min(prompt_len, window - 1 + self.granule - 1 + in_flight_tokens)
+        held = window - 1 + self.granule - 1
+        if self.elastic == "position":  # queries up to the floor read (and keep) all keys
+            held = max(held, min(self.exact_floor, prompt_len))
+        tokens = min(prompt_len, held + in_flight_tokens)
         return min(cdiv(prompt_len, block_size),
                    cdiv(self.sink_tokens, block_size) + cdiv(tokens, block_size) + 1)
 

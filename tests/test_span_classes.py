@@ -172,3 +172,22 @@ def test_exact_floor_holds_everything_up_to_it(elastic):
     widest = assign_head_classes(floored)[0]
     held = widest.held_blocks(2000, 1000, 16) if elastic == "prompt" else None
     assert held in (None, cdiv(2000, 16))
+
+
+@pytest.mark.parametrize("elastic", ["position", "prompt"])
+@pytest.mark.parametrize("floor", [0, 512])
+def test_peak_blocks_cover_every_prefill_step(elastic, floor):
+    """The admission cap is never below what a request holds while its prompt is
+    computed in chunks: blocks up to the chunk's end, less those dead before it (a
+    position-elastic plan frees nothing while its queries sit under the floor)."""
+    plan = uniform_plan(random_plan().model, 0.25, elastic=elastic, grow=True, granule=16,
+                        exact_floor=floor)
+    head_class = assign_head_classes(plan)[0]
+    prompt, chunk, bs = 1000, 64, 16
+    held = []
+    for start in range(0, prompt, chunk):
+        first, last = head_class.dead_blocks(start, prompt, bs)
+        held.append(cdiv(min(prompt, start + chunk), bs) - max(0, last - first))
+    assert max(held) <= head_class.peak_blocks(prompt, chunk, bs) <= cdiv(prompt, bs)
+    if floor and elastic == "position":
+        assert max(held) >= floor // bs

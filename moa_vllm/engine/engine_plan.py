@@ -18,8 +18,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from moa_vllm.engine import block_choice
-from moa_vllm.engine import stats, vllm_surface
+from moa_vllm.engine import block_choice, stats, vllm_surface
 from moa_vllm.engine.kv_cache import MoaSpanSpec
 from moa_vllm.plan import Plan, PlanError, fingerprint_from_hf_config
 from moa_vllm.plan_discovery import resolve_plan
@@ -142,7 +141,7 @@ def unsupported(vllm_config) -> list[str]:
 
 def settle_block_size(vllm_config, plan: Plan, source: str, head_size: int) -> None:
     """The user's ``--block-size`` if it can serve the plan (else one line why not),
-    or the one MoA picks (``block_size.choose``), said in the start-up log."""
+    or the one MoA picks (``block_choice.choose``), said in the start-up log."""
     device = vllm_surface.device_type(vllm_config)
     dtype = vllm_surface.model_dtype(vllm_config)
     block_size = vllm_surface.kv_block_size(vllm_config)
