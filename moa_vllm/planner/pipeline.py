@@ -58,9 +58,9 @@ class SearchConfig:
                             "reads every key): they hold little KV, and most requests are "
                             "short; budgets and losses start above it (0: no floor)")
     lengths: list[int] | None = _opt(
-        None, "profiling lengths, each one loss the Pareto sweep trades (default: 3/2 of "
-        "the exact floor, and 512 doubling up to half the context, at most 16384, above "
-        "the floor: the shortest windowed prompts are most requests)")
+        None, "profiling lengths, each one loss the Pareto sweep trades (default: the exact "
+        "floor, where it stops binding, then 512 doubling above it up to half the context, "
+        "at most 16384: the shortest windowed prompts are most requests)")
     validate_lengths: list[int] | None = _opt(
         None, "unseen validation lengths the plan is chosen on (default: 3/4 and 3/2 of the "
         "shortest and 3/2 of the longest profiled length within the context; empty: no "
@@ -143,19 +143,24 @@ class SearchLengths:
 
 def resolve_lengths(cfg: SearchConfig, context: int) -> SearchLengths:
     """Defaults span the windowed prompts a server sees (those above the exact floor):
-    profiling from 3/2 of the floor (512 without one); validation below the shortest
-    profile, between the two shortest (most requests are short) and beyond the
-    longest; budgets from ``budget_start`` up to the context. Nothing at or below the
-    floor: the plan is exact there."""
+    profiling from the floor, where it stops binding (512 without one: SmolLM2 rules
+    searched with a profile at 1024 kept a sixth of the excess loss at 1152 tokens
+    that rules searched from 3/2 of the floor kept, docs/plan-search.md); validation
+    just past the
+    floor (else below the shortest profile), between the two shortest (most requests
+    are short) and beyond the longest; budgets from ``budget_start`` up to the
+    context. Nothing is validated or budgeted at or below the floor: the plan is
+    exact there."""
     floor = cfg.exact_floor
     doublings = [n for n in _doublings(512, min(context // 2, 16384)) if n > floor]
-    profile = sorted(cfg.lengths or ({floor * 3 // 2} if floor else set()) | set(doublings))
+    profile = sorted(cfg.lengths or ({floor} if floor else set()) | set(doublings))
     validate = sorted(cfg.validate_lengths if cfg.validate_lengths is not None else
-                      {profile[0] * 3 // 4, profile[0] * 3 // 2,
+                      {max(profile[0] * 3 // 4, floor * 9 // 8), profile[0] * 3 // 2,
                        min(context, profile[-1] * 3 // 2)} - set(profile))
-    if min(profile + validate) <= floor:
-        raise ValueError(f"profiling and validation lengths must be above the exact floor "
-                         f"({floor}): the plan is exact there; got {min(profile + validate)}")
+    if profile[0] < floor or min(validate, default=floor + 1) <= floor:
+        raise ValueError(f"profiling lengths must be at least the exact floor ({floor}) and "
+                         f"validation lengths above it: the plan is exact below; got "
+                         f"{min(profile + validate)}")
     samples = cfg.samples or [default_samples(n) for n in profile]
     vsamples = cfg.validate_samples or [max(2, 8192 // n) for n in validate]
     if len(samples) != len(profile) or len(vsamples) != len(validate):

@@ -93,11 +93,11 @@ def test_default_lengths_span_windowed_prompts_to_the_context():
     from moa_vllm.planner.pipeline import SearchConfig, resolve_lengths
 
     lengths = resolve_lengths(SearchConfig(model="m", density=0.5, out="o"), 8192)
-    assert lengths.profile == [1536, 2048, 4096]
-    assert lengths.validate == [1152, 2304, 6144]  # unseen: shorter, between, longer
+    assert lengths.profile == [1024, 2048, 4096]
+    assert lengths.validate == [1152, 1536, 6144]  # unseen: just past the floor, between, longer
     assert lengths.validate_samples[0] > lengths.validate_samples[-1] >= 2
     assert lengths.density[0] == 1152 and lengths.density[-1] == 8192
-    assert set(lengths.profile + lengths.validate) <= set(lengths.density)
+    assert set(lengths.profile[1:] + lengths.validate) <= set(lengths.density)  # not 1024
     long = resolve_lengths(SearchConfig(model="m", density=0.5, out="o"), 131072)
     assert long.profile[-1] == 16384 and long.validate[-1] == 24576
     assert resolve_lengths(SearchConfig(model="m", density=0.5, out="o",
@@ -109,7 +109,7 @@ def test_default_lengths_span_windowed_prompts_to_the_context():
     assert no_floor.validate == [384, 768, 6144] and no_floor.density[0] == 512
     assert resolve_lengths(SearchConfig(model="m", density=0.25, out="o", exact_floor=0),
                            8192).density[0] == 1024
-    with pytest.raises(ValueError, match="above the exact floor"):
+    with pytest.raises(ValueError, match="validation lengths above it"):
         resolve_lengths(SearchConfig(model="m", density=0.5, out="o",
                                      validate_lengths=[768, 2048]), 8192)
 
