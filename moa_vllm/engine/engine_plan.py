@@ -121,6 +121,12 @@ class EnginePlan:
 _RECORDS: dict[str, EnginePlan] = {}  # digest -> record, this process's
 
 
+def served_in_this_process() -> bool:
+    """Whether an engine configured in this process serves a MoA plan (the API
+    server's front end configures its engine before it builds the app)."""
+    return bool(_RECORDS)
+
+
 def unsupported(vllm_config) -> list[str]:
     """What the model or the options ask of attention that MoA does not do, found
     before any engine process starts (the impl checks each layer again)."""

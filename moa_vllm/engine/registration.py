@@ -8,7 +8,12 @@ def register() -> None:
     """Make ``--attention-backend moa`` available. Idempotent and cheap: nothing
     changes for engines that do not ask for MoA."""
     from moa_vllm.engine import vllm_surface
-    from moa_vllm.engine.engine_plan import EnginePlan, configure_engine, extra_slot_names
+    from moa_vllm.engine.engine_plan import (
+        EnginePlan,
+        configure_engine,
+        extra_slot_names,
+        served_in_this_process,
+    )
     from moa_vllm.engine.kv_cache import MoaSpanManager, MoaSpanSpec
 
     def spec_for_slot(spec, slot_name, vllm_config):
@@ -19,3 +24,10 @@ def register() -> None:
     vllm_surface.install_platform_hooks(configure_engine)
     vllm_surface.install_kv_slot_hooks(extra_slot_names, spec_for_slot)
     vllm_surface.register_kv_cache_spec(MoaSpanSpec, MoaSpanManager)
+    vllm_surface.install_endpoint_hook(_endpoint_plugin, served_in_this_process)
+
+
+def _endpoint_plugin():
+    from moa_vllm.serving.routes import MoaEndpointPlugin
+
+    return MoaEndpointPlugin()

@@ -61,7 +61,10 @@ Contracts we rely on (vLLM file, relative to the ``vllm`` package):
   writes with vLLM's writer and reads it back through ours).
 - ``v1/engine/llm_engine.py``: an offline ``LLM``'s in-process scheduler and its
   engine core's shutdown (tests and benchmarks).
-- ``entrypoints/openai``: ``engine_client.vllm_config`` in an endpoint plugin.
+- ``entrypoints/openai``: ``engine_client.vllm_config`` in an endpoint plugin;
+  ``plugins/__init__.py`` ``load_endpoint_plugins`` (looked up by
+  ``attach_endpoint_plugins`` at app build time; loads nothing without
+  ``VLLM_PLUGINS``).
 """
 
 from __future__ import annotations
@@ -440,6 +443,31 @@ def shutdown_llm(llm) -> None:
         engine_core.shutdown()
     del llm
     gc.collect()
+
+
+def install_endpoint_hook(make_plugin: Callable[[], object],
+                          serves_moa: Callable[[], bool]) -> None:
+    """Idempotent: vLLM attaches no endpoint plugin unless ``VLLM_PLUGINS`` names it
+    (``plugins/__init__.py`` ``load_endpoint_plugins``, called by
+    ``plugins/endpoint_plugins/interface.py`` ``attach_endpoint_plugins`` when the
+    OpenAI app is built, after the engine's config). With no allowlist set, a server
+    whose engine serves MoA (``serves_moa()``) attaches ours too: read-only routes
+    (the plan report, MoA's figures on ``/metrics``). An allowlist is respected."""
+    import vllm.plugins as plugins
+    from vllm import envs
+
+    if getattr(plugins, "_moa_hooked", False):
+        return
+    original = plugins.load_endpoint_plugins
+
+    def load_endpoint_plugins(supported_tasks=None):
+        loaded = original(supported_tasks)
+        if envs.VLLM_PLUGINS is None and serves_moa():
+            loaded.append(make_plugin())
+        return loaded
+
+    plugins.load_endpoint_plugins = load_endpoint_plugins
+    plugins._moa_hooked = True
 
 
 def served_vllm_config(engine_client) -> VllmConfig | None:

@@ -1,6 +1,7 @@
-"""MoA routes on vLLM's OpenAI server (``vllm.endpoint_plugins``: allow-list it with
-``VLLM_PLUGINS``; ``moa-vllm serve`` does): ``GET /v1/moa/plan``, and MoA figures
-on vLLM's ``/metrics``."""
+"""MoA routes on vLLM's OpenAI server: ``GET /v1/moa/plan``, and MoA figures on
+vLLM's ``/metrics``. A server that serves MoA attaches them when no ``VLLM_PLUGINS``
+allowlist is set (``vllm_surface.install_endpoint_hook``); with one, name
+``moa-routes`` in it (``moa-vllm serve`` does)."""
 
 from __future__ import annotations
 

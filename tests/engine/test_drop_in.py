@@ -26,7 +26,8 @@ def passkey_prompt(tokenizer, words: int) -> list[int]:
     text = ". ".join(filler[:middle] + [f"The pass key is {key}. Remember it"]
                      + filler[middle:])
     messages = [{"role": "user", "content": text + "\nWhat is the pass key?"}]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def freed_blocks() -> int:
@@ -40,7 +41,7 @@ def runs(smollm2_dir):
     from vllm import LLM, SamplingParams
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    prompts = {"short": passkey_prompt(tokenizer, 560), "long": passkey_prompt(tokenizer, 1700)}
+    prompts = {"short": passkey_prompt(tokenizer, 340), "long": passkey_prompt(tokenizer, 1000)}
     params = SamplingParams(temperature=0, max_tokens=16, logprobs=0)
     out = {"lengths": {k: len(v) for k, v in prompts.items()}}
     for backend in ("moa", "dense"):

@@ -110,3 +110,25 @@ def test_plan_for_another_model_names_both_shapes(tiny_dir, smollm2_dir, tmp_pat
     args = EngineArgs(model=str(tiny_dir), attention_backend="moa", enforce_eager=True)
     with pytest.raises(PlanError, match="plan is for .*30 layers.* but the model is .*4 layers"):
         args.create_engine_config()
+
+
+def test_routes_attach_only_to_servers_that_serve_moa(monkeypatch):
+    """With no ``VLLM_PLUGINS`` allowlist vLLM attaches no endpoint plugin; MoA's
+    attach where this process configured a MoA engine, and an allowlist that does
+    not name them keeps them out."""
+    import vllm.plugins
+    from vllm import envs
+
+    from moa_vllm.engine import engine_plan, registration
+    from moa_vllm.serving.routes import MoaEndpointPlugin
+
+    registration.register()
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    monkeypatch.setattr(envs, "VLLM_PLUGINS", None, raising=False)
+    monkeypatch.setattr(engine_plan, "_RECORDS", {})
+    assert vllm.plugins.load_endpoint_plugins(("generate",)) == []
+    monkeypatch.setattr(engine_plan, "_RECORDS", {"digest": object()})
+    (plugin,) = vllm.plugins.load_endpoint_plugins(("generate",))
+    assert isinstance(plugin, MoaEndpointPlugin)
+    monkeypatch.setattr(envs, "VLLM_PLUGINS", ["other"], raising=False)
+    assert vllm.plugins.load_endpoint_plugins(("generate",)) == []
