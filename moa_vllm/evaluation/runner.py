@@ -66,13 +66,17 @@ def methods_from_args(model_dir, plans: list[str], uniform: list[float],
         name, _, path = spec.rpartition("=")
         moa.append(Method(name or Path(path).stem, load_plan(path, fp)))
     modes = uniform_elastic or sorted({m.plan.elastic for m in moa}) or ["prompt"]
+    # the plans' granule: the baselines read whole blocks as the plans do, on the same
+    # attention path (on CPU, vLLM's op; granule 1 would run the torch path)
+    granule = max((m.plan.granule for m in moa), default=1)
     methods = [Method("dense", None)]
     for d in uniform:
         if uniform_length:
             methods.append(Method(f"uniform-{d}-fixed{uniform_length}",
                                   uniform_plan(fp, d, length=uniform_length)))
             continue
-        methods += [Method(f"uniform-{d}-{mode}", uniform_plan(fp, d, elastic=mode, grow=True))
+        methods += [Method(f"uniform-{d}-{mode}",
+                           uniform_plan(fp, d, elastic=mode, grow=True, granule=granule))
                     for mode in modes]
     return methods + moa
 
