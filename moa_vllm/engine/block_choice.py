@@ -48,14 +48,18 @@ def choose(device_type: str, dtype: torch.dtype, head_size: int, granule: int,
     CPU: the largest block size that divides the granule and that vLLM's op lays
     out in the layout MoA reads (``vec``; ``vec16`` at 16): on SmolLM2 bf16 block 64
     decoded 6-9% faster than 16 and 32 at 4k tokens, within noise at 2k (``MEASURED``). On AMX, bf16 blocks of 32+ get the ``amx`` layout, which MoA
-    does not read, so 16 keeps the plan on the op there. Elsewhere (CUDA: our Triton
-    kernel reads any block size; token-exact plans): vLLM's default where it fits,
-    else the largest size below it that divides the granule."""
+    does not read, so 16 keeps the plan on the op there. Token-exact plans (granule
+    1, never on the op): 16, the smallest, whose blocks free closest to the spans.
+    CUDA (our Triton kernel reads any block size): vLLM's default where it divides
+    the granule, else the largest size below it that does."""
+    if granule == 1:
+        return BlockSizeChoice(CANDIDATES[0], "the smallest: the plan is token-exact, and "
+                                              "smaller blocks free closer to its spans")
     sizes = fits(granule)
     if not sizes:
         raise PlanError(f"{source}: the plan's granule ({granule} tokens) is not a multiple "
                         f"of 16, the smallest KV block size MoA serves")
-    if device_type == "cpu" and granule > 1 and envs.get(envs.MOA_CPU_ATTN) == "vllm":
+    if device_type == "cpu" and envs.get(envs.MOA_CPU_ATTN) == "vllm":
         readable = [b for b in sizes if on_op(dtype, b, head_size)]
         if readable:
             size = max(readable)

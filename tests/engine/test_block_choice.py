@@ -29,7 +29,7 @@ def test_cpu_choice_is_the_largest_divisor_of_the_granule_on_the_op(dtype):
 def test_cpu_torch_path_and_cuda_keep_vllms_default_where_it_fits(monkeypatch):
     assert block_choice.choose("cuda", torch.bfloat16, 64, 64, 16, "plan").size == 16
     assert block_choice.choose("cuda", torch.bfloat16, 64, 32, 64, "plan").size == 32
-    assert block_choice.choose("cpu", torch.float32, 64, 1, 128, "plan").size == 128
+    assert block_choice.choose("cpu", torch.float32, 64, 1, 128, "plan").size == 16
     monkeypatch.setenv("MOA_CPU_ATTN", "torch")
     assert block_choice.choose("cpu", torch.float32, 64, 64, 128, "plan").size == 64
 
