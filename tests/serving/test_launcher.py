@@ -112,7 +112,7 @@ def test_plan_route_reflects_the_loaded_plan(server, plan):
     assert report["model"] == plan.model.model_dump()
     assert report["provenance"]["method"] == "test-random"
     assert report["source_status"] == "unchanged"
-    assert [d["length"] for d in report["densities"]] == [1024, 2048]
+    assert [d["length"] for d in report["densities"]] == [512, 1024, 1536, 2048]
     assert all(0 < d["allocated_density"] <= 1 for d in report["densities"])
 
 
