@@ -46,7 +46,7 @@ def main() -> int:
 
     plan = load_plan(args.plan)
     sizes = ([int(b) for b in args.block_sizes.split(",")] if args.block_sizes
-             else fits(plan.granule))
+             else fits(plan.granule, args.plan))
     per_token = kv_bytes_per_token(args.model, args.dtype)
     rows = []
     for length in [int(x) for x in args.lengths.split(",")]:

@@ -200,8 +200,8 @@ def write_results(args, rows: list[dict], out: Path) -> None:
     Path(f"{out}.json").write_text(json.dumps(result, indent=1))
     commands = sorted({f"{r['date']}: `{r['command']}`" for r in rows})
     lines = [f"Machine: {result['machine']}.", *[f"- {c}" for c in commands],
-             "", "| L | block dense / MoA | decode tok/s dense / MoA | decode ratio | prefill s dense / MoA | "
-             "overall tok/s dense / MoA | ratio | peak reqs dense/MoA | "
+             "", "| L | block dense / MoA | decode tok/s dense / MoA | decode ratio | "
+             "prefill s dense / MoA | overall tok/s dense / MoA | ratio | peak reqs dense/MoA | "
              "KV/request dense | KV/request MoA (fraction) | predicted allocated | "
              "torch path: decode ratio, prefill s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -88,7 +88,8 @@ def plan_report(plan: Plan, source: str, how: str, block_size: int,
     return PlanReport(
         source=source, how=how, model=plan.model, provenance=plan.provenance,
         elastic=plan.elastic, sink_tokens=plan.sink_tokens, min_window=plan.min_window,
-        granule=plan.granule, exact_floor=plan.exact_floor, head_classes=class_reports(classes, lengths, block_size),
+        granule=plan.granule, exact_floor=plan.exact_floor,
+        head_classes=class_reports(classes, lengths, block_size),
         block_size=block_size,
         densities=density_table(plan, lengths, block_size, classes),
     )

@@ -83,7 +83,8 @@ def subcommand_parser(parser: argparse.ArgumentParser, args: list[str]) -> argpa
 def vllm_serve_options() -> set[str]:
     """Every option of ``vllm serve``, from vLLM's own parser (imports vLLM)."""
     serve = pytest.importorskip("vllm.entrypoints.cli.serve")
-    return options(serve.ServeSubcommand().subparser_init(argparse.ArgumentParser().add_subparsers()))
+    subparsers = argparse.ArgumentParser().add_subparsers()
+    return options(serve.ServeSubcommand().subparser_init(subparsers))
 
 
 def check_moa_vllm(args: list[str], vllm_options) -> None:
