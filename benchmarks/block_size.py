@@ -20,11 +20,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_throughput import (  # noqa: E402
-    BUDGET_BLOCK,
-    machine,
-    run_backend,
-)
+from decode_throughput import BUDGET_BLOCK, run_backend  # noqa: E402
+
+from moa_vllm.evaluation.machine import machine
 
 
 def main() -> int:

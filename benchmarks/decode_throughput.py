@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import sys
 import time
@@ -177,21 +176,6 @@ def _torch_path(row: dict) -> str:
         return "-"
     return (f"{row['torch_path_decode_ratio']:.2f}, "
             f"{_seconds(row['moa_torch']['prefill_seconds'])}")
-
-
-def machine() -> str:
-    """CPU model, the ISA features vLLM's CPU op picks by, and the core count."""
-    model, flags = platform.machine(), set()
-    if Path("/proc/cpuinfo").is_file():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    isa = [f for f in ("avx512f", "avx512_bf16", "amx_tile") if f in flags]
-    return f"{model} ({', '.join(isa) or 'no AVX-512'}), {os.cpu_count()} cpus"
 
 
 def write_results(args, rows: list[dict], out: Path) -> None:

@@ -87,6 +87,19 @@ class HeadClass:
                    cdiv(self.sink_tokens, block_size) + cdiv(tokens, block_size) + 1)
 
 
+def concurrency(classes: tuple[HeadClass, ...], length: int, in_flight_tokens: int,
+                block_size: int, pool_blocks: int) -> float:
+    """Requests of ``length`` tokens a pool of ``pool_blocks`` runs at once under
+    vLLM's admission: a request is admitted when its prefill peak is free, and
+    holds its spans once its prompt is in; so one peak and the rest at their spans.
+    Below 1 when even one request's peak does not fit."""
+    peak = sum(c.peak_blocks(length, in_flight_tokens, block_size) for c in classes)
+    if pool_blocks < peak:
+        return pool_blocks / peak
+    held = sum(c.held_blocks(length, length, block_size) for c in classes)
+    return 1 + (pool_blocks - peak) / held
+
+
 def num_span_classes(num_items: int, max_classes: int) -> int:
     """Largest class count <= max_classes that splits the items evenly."""
     return max(k for k in range(1, max_classes + 1) if num_items % k == 0)

@@ -86,7 +86,8 @@ class EnginePlan:
 
     def spec_for_slot(self, spec, slot_name: str, in_flight_tokens: int) -> MoaSpanSpec:
         """The KV-cache spec of one slot: one KV head's page, in its head class."""
-        return MoaSpanSpec.for_slot(spec, self.class_of(slot_name), in_flight_tokens)
+        return MoaSpanSpec.for_slot(spec, self.class_of(slot_name).index,
+                                    self.head_classes, in_flight_tokens)
 
     def layer_spans(self, layer: int, rank: int) -> LayerSpans:
         """The rules of a layer's local KV heads on this tensor-parallel rank."""

@@ -9,6 +9,7 @@ request by what it will hold (its peak), not by a dense prompt's worth.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Self
 
@@ -19,33 +20,27 @@ from moa_vllm.engine.vllm_surface import (
     FullAttentionSpec,
     free_block_range,
     is_null_block,
+    kv_pool_blocks,
     logger,
     max_model_len,
     request_blocks,
 )
-from moa_vllm.span_classes import HeadClass
-from moa_vllm.span_mask import ElasticMode
+from moa_vllm.span_classes import HeadClass, concurrency
 
 
 @dataclass(frozen=True, kw_only=True)
 class MoaSpanSpec(FullAttentionSpec):
-    """One KV head's full-attention page plus the head class that frees it."""
+    """One KV head's full-attention page plus the head class that frees it (and the
+    plan's other classes, which share the pool with it)."""
 
     head_class: int
-    span_rules: tuple[tuple[int, int], ...]
-    sink_tokens: int
-    min_window: int
-    elastic: ElasticMode
+    classes: tuple[HeadClass, ...]
     in_flight_tokens: int  # tokens scheduled but not settled (admission, sizing)
-    granule: int = 1
-    exact_floor: int = 0
 
-    _SPAN_FIELDS = ("head_class", "span_rules", "sink_tokens", "min_window", "elastic",
-                    "in_flight_tokens", "granule", "exact_floor")
+    _SPAN_FIELDS = ("head_class", "classes", "in_flight_tokens")
 
     def span(self) -> HeadClass:
-        return HeadClass(self.head_class, (), self.span_rules, self.sink_tokens,
-                         self.min_window, self.elastic, self.granule, self.exact_floor)
+        return self.classes[self.head_class]
 
     def _span_key(self) -> tuple:
         return tuple(getattr(self, f) for f in self._SPAN_FIELDS)
@@ -70,28 +65,29 @@ class MoaSpanSpec(FullAttentionSpec):
         )
 
     def max_memory_usage_bytes(self, vllm_config) -> int:
-        """What one request of ``max_model_len`` tokens holds at its peak: vLLM's
-        start-up check (one request must fit) and its "maximum concurrency" log."""
+        """Before the pool is sized (vLLM's check that one request of max_model_len
+        fits, and its fit of max_model_len to memory): that request's prefill peak.
+        Once sized (vLLM's "maximum concurrency" log): this class's part of the pool
+        per request at the concurrency MoA's admission reaches, so the log says how
+        many requests really run at once."""
         length = max_model_len(vllm_config)
-        return self.span().peak_blocks(length, self.in_flight_tokens,
-                                       self.block_size) * self.page_size_bytes
+        pool = kv_pool_blocks(vllm_config)
+        if pool is None:
+            blocks = self.span().peak_blocks(length, self.in_flight_tokens, self.block_size)
+            return blocks * self.page_size_bytes
+        at_once = concurrency(self.classes, length, self.in_flight_tokens, self.block_size,
+                              pool)
+        held = [c.held_blocks(length, length, self.block_size) for c in self.classes]
+        share = pool / at_once * held[self.head_class] / sum(held)
+        return math.ceil(share * self.page_size_bytes)
 
     @classmethod
-    def for_slot(cls, spec: FullAttentionSpec, head_class: HeadClass,
-                 in_flight_tokens: int) -> MoaSpanSpec:
+    def for_slot(cls, spec: FullAttentionSpec, head_class: int,
+                 classes: tuple[HeadClass, ...], in_flight_tokens: int) -> MoaSpanSpec:
         kwargs = {f.name: getattr(spec, f.name) for f in fields(FullAttentionSpec)}
         kwargs["num_kv_heads"] = 1
-        return cls(
-            **kwargs,
-            head_class=head_class.index,
-            span_rules=head_class.rules,
-            sink_tokens=head_class.sink_tokens,
-            min_window=head_class.min_window,
-            elastic=head_class.elastic,
-            in_flight_tokens=in_flight_tokens,
-            granule=head_class.granule,
-            exact_floor=head_class.exact_floor,
-        )
+        return cls(**kwargs, head_class=head_class, classes=classes,
+                   in_flight_tokens=in_flight_tokens)
 
 
 class MoaSpanManager(FullAttentionManager):

@@ -41,7 +41,9 @@ Contracts we rely on (vLLM file, relative to the ``vllm`` package):
   (``v1/engine/input_processor.py``).
 - ``v1/kv_cache_interface.py``: ``FullAttentionSpec.max_memory_usage_bytes`` (the
   start-up check that one request fits, and the "maximum concurrency" log);
-  ``VllmConfig.max_in_flight_tokens``.
+  ``VllmConfig.max_in_flight_tokens``. ``v1/engine/core.py`` sets
+  ``cache_config.num_gpu_blocks`` between the two (``get_kv_cache_configs``, then
+  ``update_kv_cache_capacity``).
 - ``v1/attention/backend.py``: ``CommonAttentionMetadata.rswa_prefix_lens``
   (per-request prompt lengths, filled only when
   ``model_config.model_arch_config.rswa_window`` is not None).
@@ -60,7 +62,8 @@ Contracts we rely on (vLLM file, relative to the ``vllm`` package):
   The ``vec``/``vec16`` in-block layout is ``paged_kv.KVLayout.CPU_ATTN`` (a test
   writes with vLLM's writer and reads it back through ours).
 - ``v1/engine/llm_engine.py``: an offline ``LLM``'s in-process scheduler and its
-  engine core's shutdown (tests and benchmarks).
+  engine core's shutdown (tests and benchmarks); the scheduler's ``running`` list
+  and ``_preempt_request`` (tests force preemption).
 - ``entrypoints/openai``: ``engine_client.vllm_config`` in an endpoint plugin;
   ``plugins/__init__.py`` ``load_endpoint_plugins`` (looked up by
   ``attach_endpoint_plugins`` at app build time; loads nothing without
@@ -293,6 +296,12 @@ def max_in_flight_tokens(vllm_config: VllmConfig) -> int:
     return vllm_config.max_in_flight_tokens
 
 
+def kv_pool_blocks(vllm_config: VllmConfig) -> int | None:
+    """Blocks in the KV pool; None until the engine has sized it (vLLM's start-up
+    check runs before, its "maximum concurrency" log after)."""
+    return vllm_config.cache_config.num_gpu_blocks
+
+
 def kv_block_size(vllm_config: VllmConfig) -> int:
     """The block size the platform settled on (ours runs after its config hook)."""
     return vllm_config.cache_config.block_size
@@ -427,6 +436,16 @@ def llm_scheduler(llm):
     """The scheduler of an offline ``LLM`` whose engine core runs in this process
     (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): tests and benchmarks read its block pool."""
     return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def preempt_newest(scheduler) -> str:
+    """Preempt the newest running request between steps, as the scheduler does when
+    the pool runs dry (tests force preemption with it)."""
+    import time
+
+    request = scheduler.running.pop()
+    scheduler._preempt_request(request, time.monotonic())
+    return request.request_id
 
 
 def llm_block_size(llm) -> int:
