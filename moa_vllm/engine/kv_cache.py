@@ -9,6 +9,7 @@ request by what it will hold (its peak), not by a dense prompt's worth.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, fields
 from typing import Self
@@ -154,3 +155,41 @@ class MoaSpanManager(FullAttentionManager):
                 request_id, self.span.index, early, len(blocks),
             )
         return blocks
+
+
+def owns_cache_hits(specs: list) -> bool:
+    """Prefix-cache lookups MoA answers: every group a head class. Only
+    position-elastic plans cache prefixes (the engine turns caching off for the
+    others)."""
+    return bool(specs) and all(isinstance(s, MoaSpanSpec) for s in specs)
+
+
+def span_cache_hit(specs: list[MoaSpanSpec], cached, max_blocks: int, block_size: int,
+                   null_block) -> tuple[list[list], int]:
+    """The longest block-aligned prefix every head class can resume from: its sink
+    blocks and the blocks of its widest span at that length are cached (blocks
+    the class freed keep their hashes in vLLM's pool until reused). Blocks the
+    class does not read are the null block, as vLLM's sliding-window lookup
+    returns them. Later queries never read further back (windows do not shrink
+    as positions grow), so resuming computes exactly what a run without caching
+    does."""
+    found = [[cached(g, i) for i in range(max_blocks)] for g in range(len(specs))]
+    present = [list(itertools.accumulate((b is not None for b in row), initial=0))
+               for row in found]
+
+    def needed(spec: MoaSpanSpec, k: int) -> list[range]:
+        first, last = spec.span().dead_blocks(k * block_size, 0, block_size)
+        if last <= first:
+            return [range(k)]
+        return [range(min(first, k)), range(min(last, k), k)]
+
+    for k in range(max_blocks, 0, -1):
+        ranges = [needed(spec, k) for spec in specs]
+        if all(present[g][r.stop] - present[g][r.start] == len(r)
+               for g, rs in enumerate(ranges) for r in rs):
+            blocks = [[null_block] * k for _ in specs]
+            for g, rs in enumerate(ranges):
+                for r in rs:
+                    blocks[g][r.start:r.stop] = found[g][r.start:r.stop]
+            return blocks, k * block_size
+    return [[] for _ in specs], 0

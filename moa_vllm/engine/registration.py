@@ -14,7 +14,12 @@ def register() -> None:
         extra_slot_names,
         served_in_this_process,
     )
-    from moa_vllm.engine.kv_cache import MoaSpanManager, MoaSpanSpec
+    from moa_vllm.engine.kv_cache import (
+        MoaSpanManager,
+        MoaSpanSpec,
+        owns_cache_hits,
+        span_cache_hit,
+    )
 
     def spec_for_slot(spec, slot_name, vllm_config):
         return EnginePlan.from_config(vllm_config).spec_for_slot(
@@ -24,6 +29,7 @@ def register() -> None:
     vllm_surface.install_platform_hooks(configure_engine)
     vllm_surface.install_kv_slot_hooks(extra_slot_names, spec_for_slot)
     vllm_surface.register_kv_cache_spec(MoaSpanSpec, MoaSpanManager)
+    vllm_surface.install_cache_hit_hook(owns_cache_hits, span_cache_hit)
     vllm_surface.install_endpoint_hook(_endpoint_plugin, served_in_this_process)
 
 

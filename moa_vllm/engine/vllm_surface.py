@@ -33,6 +33,12 @@ Contracts we rely on (vLLM file, relative to the ``vllm`` package):
   ``remove_skipped_blocks`` and ``get_num_blocks_to_allocate`` (its
   ``apply_admission_cap`` / ``max_admission_blocks_per_request`` gate) are
   overridden in ``engine/kv_cache.py``.
+- ``v1/core/kv_cache_coordinator.py``: ``UnitaryKVCacheCoordinator`` and
+  ``HybridKVCacheCoordinator.find_longest_cache_hit`` (replaced for span groups:
+  the hybrid one trims full-attention hits as if downward-closed);
+  ``v1/core/block_pool.py``: ``get_cached_block``, ``null_block``, and
+  ``free_blocks`` keeping a freed block's hash until ``get_new_blocks`` reuses it
+  (so freed span blocks stay hits until evicted).
 - ``v1/core/sched/scheduler.py``, ``v1/core/kv_cache_manager.py``: the
   scheduler's ``kv_cache_config.kv_cache_groups`` (``layer_names``,
   ``kv_cache_spec.page_size_bytes``) in the order of
@@ -220,6 +226,48 @@ def slot_attention_context(slot_name: str):
 
     metadata, _, kv_cache, slot_mapping = get_attention_context(slot_name)
     return metadata, kv_cache, slot_mapping
+
+
+def install_cache_hit_hook(
+    claims: Callable[[list[FullAttentionSpec]], bool],
+    find_hit: Callable[..., tuple[list[list], int]],
+) -> None:
+    """Idempotent: where ``claims(every group's spec)``, the coordinators' prefix-cache
+    lookup is ``find_hit(specs, cached, max_blocks, block_size, null_block)``, which
+    returns each group's hit blocks and the hit length; ``cached(group, i)`` is the
+    cached block of the request's ``i``-th block hash in that group, or None.
+    vLLM's hybrid coordinator treats every ``FullAttentionSpec`` as downward-closed
+    (a hit at L is a hit at any shorter length), which span groups are not: one
+    search must answer for all groups at once."""
+    from vllm.v1.core.kv_cache_coordinator import (
+        HybridKVCacheCoordinator,
+        UnitaryKVCacheCoordinator,
+    )
+
+    for coordinator_cls in (UnitaryKVCacheCoordinator, HybridKVCacheCoordinator):
+        original = coordinator_cls.find_longest_cache_hit
+        if getattr(original, "_moa_hooked", False):
+            continue
+
+        def find_longest_cache_hit(self, block_hashes, max_cache_hit_length,
+                                   _original=original):
+            specs = [g.kv_cache_spec for g in self.kv_cache_config.kv_cache_groups]
+            if not claims(specs):
+                return _original(self, block_hashes, max_cache_hit_length)
+            pool = self.block_pool
+            block_size = specs[0].block_size
+            hashes = block_hashes  # every span group has the hash block size
+
+            def cached(group: int, i: int):
+                found = pool.get_cached_block(hashes[i], [group])
+                return found[0] if found else None
+
+            max_blocks = min(max_cache_hit_length // block_size, len(hashes))
+            blocks, length = find_hit(specs, cached, max_blocks, block_size, pool.null_block)
+            return tuple(blocks), length, 0
+
+        find_longest_cache_hit._moa_hooked = True
+        coordinator_cls.find_longest_cache_hit = find_longest_cache_hit
 
 
 def register_kv_cache_spec(spec_cls: type, manager_cls: type) -> None:
