@@ -24,6 +24,10 @@ from moa_vllm.span_classes import average_density
 PLAN_ENV = envs.MOA_PLAN
 PLANS_DIR_ENV = envs.MOA_PLANS_DIR
 MODEL_DIR_PLAN = "moa_plan.json"
+# The elastic mode discovery serves first when both are shipped: prompt mode sizes
+# every window from the whole prompt (less profiled loss); position mode keeps
+# prefix caching (docs/serving.md#prefix-caching says why this one).
+DEFAULT_ELASTIC = "prompt"
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,8 @@ def _shipped_candidates(model: ModelFingerprint) -> list[tuple[Path, Plan]]:
 
 def _preference(candidate: tuple[Path, Plan]) -> tuple:
     """Of several matching shipped plans: searched before uniform, then the highest
-    density budget (the safest for accuracy), then the search's validation score
+    density budget (the safest for accuracy), then ``DEFAULT_ELASTIC``, then the
+    search's validation score
     (``excess_vs_uniform``; plans searched before 2026-12-02 carry ``loss_vs_uniform``),
     then the name."""
 
@@ -80,7 +85,15 @@ def _preference(candidate: tuple[Path, Plan]) -> tuple:
     validation = details.get("validation") or {}
     loss = validation.get("excess_vs_uniform", validation.get("loss_vs_uniform"))
     return (plan.provenance.method != "moa-search", -round(float(budget), 4),
-            float("inf") if loss is None else float(loss), path.name)
+            plan.elastic != DEFAULT_ELASTIC, float("inf") if loss is None else float(loss),
+            path.name)
+
+
+def prefix_caching_alternative(model: ModelFingerprint) -> Path | None:
+    """The shipped position-elastic plan discovery would prefer for this model (it
+    keeps prefix caching), if there is one."""
+    candidates = [c for c in _shipped_candidates(model) if c[1].elastic == "position"]
+    return min(candidates, key=_preference)[0] if candidates else None
 
 
 def resolve_plan(model_dir: str | os.PathLike | None, model: ModelFingerprint,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moa_vllm.engine.cpu_op import kv_format
+from moa_vllm.engine.cpu_op import KVQuant, kv_format
 from moa_vllm.engine.vllm_surface import cpu_attn_write
 from moa_vllm.paged_kv import KVLayout, compact_block_tables, cpu_attn_halves, gather_kv
 
@@ -30,6 +30,27 @@ def test_vllm_cpu_writer_layout_is_what_we_read(dtype, block_size):
     k, v = gather_kv(kv, table, slots[kept], KVLayout.CPU_ATTN)
     assert torch.equal(k, key[kept, 1:2]) and torch.equal(v, value[kept, 1:2])
     assert kv.view(-1).count_nonzero() <= 2 * head_size * int(kept.sum())
+
+
+@pytest.mark.parametrize("cache_dtype", ["fp8", "fp8_e5m2"])
+def test_vllm_cpu_fp8_writer_layout_is_what_we_read(cache_dtype):
+    """vLLM's writer with an fp8 cache and scales: the torch path's read and
+    dequantization give the values back to fp8 precision."""
+    dtype, block_size, head_size, tokens = torch.float32, 32, 64, 70
+    fmt = kv_format("cpu", dtype, block_size, head_size, cache_dtype)
+    quant = KVQuant(cache_dtype, k_scale=0.5, v_scale=0.25)
+    g = torch.Generator().manual_seed(1)
+    kv = torch.zeros(6, 1, block_size, 2 * head_size, dtype=torch.uint8)  # as vLLM allocates
+    key = torch.randn(tokens, 1, head_size, generator=g)
+    value = torch.randn(tokens, 1, head_size, generator=g)
+    slots = torch.randperm(6 * block_size, generator=g)[:tokens]
+    cpu_attn_write(key, value, *cpu_attn_halves(kv), slots, fmt.isa, quant.k_scale,
+                   quant.v_scale, cache_dtype)
+    k, v = quant.dequantize(*gather_kv(quant.stored(kv), torch.arange(6), slots, fmt.layout),
+                            dtype)
+    tolerance = 0.13 if cache_dtype == "fp8" else 0.26  # one step of 3 / 2 mantissa bits
+    assert torch.allclose(k, key, rtol=tolerance, atol=0.02)
+    assert torch.allclose(v, value, rtol=tolerance, atol=0.02)
 
 
 def test_compacted_tables_list_the_sinks_then_the_window():

@@ -41,4 +41,4 @@ def test_serve_throughput_smoke(tiny_dir, tmp_path):
     assert moa["logged_max_concurrency"] > dense["logged_max_concurrency"]
     assert moa["kv_mib_per_request"] < dense["kv_mib_per_request"]
     table = out.with_suffix(".md").read_text()
-    assert "| moa / dense | 300 |" in table
+    assert "| moa / dense | 300 | " in table

@@ -42,17 +42,52 @@ TOKEN_ROWS_FORMAT = KVFormat(KVLayout.TOKEN_ROWS, None)  # our writer (or CUDA's
 
 
 @functools.lru_cache(maxsize=None)
-def kv_format(device_type: str, dtype: torch.dtype, block_size: int, head_size: int) -> KVFormat:
+def kv_format(device_type: str, dtype: torch.dtype, block_size: int, head_size: int,
+              cache_dtype: str = "auto") -> KVFormat:
+    """``dtype``: the model's (queries'); ``cache_dtype``: vLLM's ``kv_cache_dtype``."""
     if device_type == "cpu":
-        isa = cpu_attention_isa(dtype, block_size, head_size)
+        isa = cpu_attention_isa(dtype, block_size, head_size, cache_dtype)
         if isa in CPU_ATTN_PLAIN_ISAS:
             return KVFormat(KVLayout.CPU_ATTN, isa)
     return TOKEN_ROWS_FORMAT
 
 
-def cache_format(kv_cache: torch.Tensor) -> KVFormat:
-    return kv_format(kv_cache.device.type, kv_cache.dtype, kv_cache.shape[2],
-                     kv_cache.shape[3] // 2)
+def cache_format(kv_cache: torch.Tensor, dtype: torch.dtype, cache_dtype: str) -> KVFormat:
+    return kv_format(kv_cache.device.type, dtype, kv_cache.shape[2], kv_cache.shape[3] // 2,
+                     cache_dtype)
+
+
+@dataclass(frozen=True)
+class KVQuant:
+    """A quantized KV cache's dtype and the layer's scales (``auto``: none)."""
+
+    cache_dtype: str = "auto"
+    k_scale: float = 1.0
+    v_scale: float = 1.0
+
+    @property
+    def quantized(self) -> bool:
+        return self.cache_dtype != "auto"
+
+    def stored(self, kv_cache: torch.Tensor) -> torch.Tensor:
+        """The cache as its fp8 elements (vLLM may allocate the bytes as uint8)."""
+        if self.quantized and kv_cache.dtype == torch.uint8:
+            return kv_cache.view(FP8_DTYPES[self.cache_dtype])
+        return kv_cache
+
+    def dequantize(self, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype):
+        if not self.quantized:
+            return k, v
+        return k.to(dtype) * self.k_scale, v.to(dtype) * self.v_scale
+
+    def quantize(self, k: torch.Tensor, v: torch.Tensor):
+        if not self.quantized:
+            return k, v
+        return k / self.k_scale, v / self.v_scale
+
+
+FP8_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
+              "fp8_e5m2": torch.float8_e5m2}
 
 
 @dataclass(frozen=True)
@@ -128,9 +163,11 @@ class SpanRunBuilder:
 
 
 def span_attention(query: torch.Tensor, caches: list[torch.Tensor], runs: list[SpanRuns],
-                   slot_names: list[str], scale: float, output: torch.Tensor) -> None:
+                   slot_names: list[str], scale: float, output: torch.Tensor,
+                   quant: KVQuant = KVQuant()) -> None:
     """One step of a layer: query/output ``[T, H, D]``; KV head ``j`` reads
-    ``caches[j]`` through its own class's runs (``runs[j]``)."""
+    ``caches[j]`` through its own class's runs (``runs[j]``); the op dequantizes
+    a quantized cache itself."""
     num_tokens, num_heads, head_size = query.shape
     group = num_heads // len(caches)
     out = torch.empty((len(caches), num_tokens, group, head_size), dtype=output.dtype)
@@ -139,5 +176,5 @@ def span_attention(query: torch.Tensor, caches: list[torch.Tensor], runs: list[S
         key_cache, value_cache = cpu_attn_halves(cache)
         cpu_attn_op(query[:, j * group:(j + 1) * group], key_cache, value_cache, out[j],
                     rule.query_start_loc, rule.seq_lens, rule.block_tables, rule.schedule,
-                    scale)
+                    scale, quant.k_scale, quant.v_scale, quant.cache_dtype)
     output.copy_(out.transpose(0, 1).reshape(num_tokens, num_heads, head_size))

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from moa_vllm.engine import block_choice, stats, vllm_surface
 from moa_vllm.engine.kv_cache import MoaSpanSpec
 from moa_vllm.plan import Plan, PlanError, fingerprint_from_hf_config
-from moa_vllm.plan_discovery import resolve_plan
+from moa_vllm.plan_discovery import prefix_caching_alternative, resolve_plan
 from moa_vllm.span_classes import (
     HeadClass,
     Slot,
@@ -140,10 +140,34 @@ def unsupported(vllm_config) -> list[str]:
                         "capped at that length)")
     if getattr(text_config, "attn_logit_softcapping", None):
         problems.append("logits soft-capping")
-    if vllm_config.cache_config.cache_dtype != "auto":
-        problems.append(f"kv_cache_dtype={vllm_config.cache_config.cache_dtype} "
-                        "(MoA keeps the KV cache in the model's dtype)")
+    if (cache_dtype := vllm_surface.kv_cache_dtype(vllm_config)) != "auto":
+        problems += quantized_cache_problems(vllm_config, cache_dtype)
     return problems
+
+
+def quantized_cache_problems(vllm_config, cache_dtype: str) -> list[str]:
+    """A quantized KV cache runs where vLLM's CPU op holds it; MoA's CUDA kernel
+    reads the model's dtype only."""
+    if vllm_surface.device_type(vllm_config) != "cpu":
+        return [f"kv_cache_dtype={cache_dtype} on {vllm_surface.device_type(vllm_config)} "
+                "(MoA's Triton kernel reads the model's dtype; on CPU vLLM's op holds fp8)"]
+    try:
+        vllm_surface.cpu_attention_isa(vllm_surface.model_dtype(vllm_config),
+                                       vllm_surface.kv_block_size(vllm_config),
+                                       vllm_surface.head_size(vllm_config), cache_dtype)
+    except NotImplementedError as err:
+        return [f"kv_cache_dtype={cache_dtype} on this CPU ({err})"]
+    return []
+
+
+def check_quantized_block_size(vllm_config, source: str) -> None:
+    """vLLM's CPU op has no fp8 path for blocks of fewer than 32 tokens."""
+    block_size = vllm_surface.kv_block_size(vllm_config)
+    if (vllm_surface.kv_cache_dtype(vllm_config) != "auto" and block_size % 32
+            and vllm_surface.device_type(vllm_config) == "cpu"):
+        raise PlanError(f"{source}: an fp8 KV cache on CPU needs a KV block size that is a "
+                        f"multiple of 32 (vLLM's op has no fp8 path below that), got "
+                        f"{block_size}; serve a plan whose granule is a multiple of 32")
 
 
 def settle_block_size(vllm_config, plan: Plan, source: str, head_size: int) -> None:
@@ -185,18 +209,21 @@ def configure_engine(vllm_config) -> None:
                         vllm_surface.tensor_parallel_size(vllm_config))
     plan = record.plan
     settle_block_size(vllm_config, plan, record.source, fingerprint.head_dim)
+    check_quantized_block_size(vllm_config, record.source)
     logger.info("MoA plan %s (from %s): %s, elastic=%s, sinks=%d, %d head classes of %d "
                 "(layer, KV head) slots", record.source, record.how, plan.provenance.method,
                 plan.elastic, plan.sink_tokens, len(record.head_classes),
                 len(record.head_classes[0].slots))
     if plan.elastic == "prompt":
         if vllm_surface.disable_prefix_caching(vllm_config):
+            alternative = prefix_caching_alternative(fingerprint)
             logger.warning(
                 "MoA: prefix caching is DISABLED because the plan uses "
                 "elastic='prompt' (a token's KV then depends on the prompt length, "
-                "so cached blocks are not reusable exactly). Use an "
-                "elastic='position' plan to keep prefix caching."
-            )
+                "so cached blocks are not reusable exactly). To keep prefix caching, "
+                "serve %s", f"the shipped position-elastic plan: --additional-config "
+                f"'{{\"moa\": {{\"plan\": \"{alternative}\"}}}}'" if alternative
+                else "an elastic='position' plan (moa-vllm plan search --elastic position)")
         vllm_surface.request_prompt_lengths(vllm_config)
     stats.ensure_stats_dir()  # engine processes started after this inherit it
     _RECORDS[record.digest] = record

@@ -18,7 +18,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moa_vllm.engine.cpu_op import TOKEN_ROWS_FORMAT, KVFormat, cache_format, span_attention
+from moa_vllm.engine.cpu_op import (
+    TOKEN_ROWS_FORMAT,
+    KVFormat,
+    KVQuant,
+    cache_format,
+    span_attention,
+)
 from moa_vllm.engine.engine_plan import slot_layer_name
 from moa_vllm.engine.metadata import MoaAttentionMetadata
 from moa_vllm.engine.vllm_surface import (
@@ -26,6 +32,7 @@ from moa_vllm.engine.vllm_surface import (
     AttentionLayer,
     AttentionType,
     cpu_attn_write,
+    kv_scales,
     reshape_and_cache_cuda,
     slot_attention_context,
 )
@@ -75,7 +82,6 @@ class MoaAttentionImpl(AttentionImpl):
             "learned attention sinks": sinks is not None,
             "non-decoder attention": attn_type != AttentionType.DECODER,
             "KV-cache sharing between layers": kv_sharing_target_layer_name is not None,
-            f"kv_cache_dtype={kv_cache_dtype}": kv_cache_dtype != "auto",
         }
         if bad := [name for name, present in unsupported.items() if present]:
             raise NotImplementedError(f"MoA attention does not support {', '.join(bad)}")
@@ -104,6 +110,7 @@ class MoaAttentionImpl(AttentionImpl):
         if attn_metadata is None:  # profiling run
             return output
         num_tokens = attn_metadata.num_actual_tokens
+        quant = KVQuant(self.kv_cache_dtype, *kv_scales(layer))
         if self._triton(query):
             heads = attn_metadata.layer_heads[layer.layer_name]
             self._forward_triton(query[:num_tokens], kv_cache, attn_metadata, heads,
@@ -114,21 +121,25 @@ class MoaAttentionImpl(AttentionImpl):
         if attn_metadata.op_runs is not None:
             span_attention(query[:num_tokens], caches, [md.op_runs for md, _ in slots],
                            [slot_layer_name(layer.layer_name, j) for j in range(len(slots))],
-                           self.scale, output[:num_tokens])
+                           self.scale, output[:num_tokens], quant)
             return output
-        self._forward_torch(query[:num_tokens], caches, [md.block_table for md, _ in slots],
-                            attn_metadata, attn_metadata.layer_heads[layer.layer_name].spans,
-                            output[:num_tokens], self._cache_format(kv_cache).layout)
+        self._forward_torch(query[:num_tokens], [quant.stored(c) for c in caches],
+                            [md.block_table for md, _ in slots], attn_metadata,
+                            attn_metadata.layer_heads[layer.layer_name].spans,
+                            output[:num_tokens],
+                            self._cache_format(kv_cache, query.dtype).layout, quant)
         return output
 
     @staticmethod
     def _triton(query: torch.Tensor) -> bool:
         return query.is_cuda
 
-    def _cache_format(self, kv_cache: torch.Tensor) -> KVFormat:
+    def _cache_format(self, kv_cache: torch.Tensor, dtype: torch.dtype) -> KVFormat:
         """Writer and reader agree: the Triton kernel reads token rows (the CPU
-        interpreter's tests point it at CPU caches too)."""
-        return TOKEN_ROWS_FORMAT if self._triton(kv_cache) else cache_format(kv_cache)
+        interpreter's tests point it at CPU caches too). ``dtype``: the model's."""
+        if self._triton(kv_cache):
+            return TOKEN_ROWS_FORMAT
+        return cache_format(kv_cache, dtype, self.kv_cache_dtype)
 
     def _slots(self, layer, attn_metadata, kv_cache):
         """(metadata, KV cache) of each local KV head's slot."""
@@ -155,7 +166,8 @@ class MoaAttentionImpl(AttentionImpl):
         )
 
     def _forward_torch(self, query, caches, tables, md, spans, output,
-                       layout: KVLayout = KVLayout.TOKEN_ROWS) -> None:
+                       layout: KVLayout = KVLayout.TOKEN_ROWS,
+                       quant: KVQuant = KVQuant()) -> None:
         """Per request and per tile of queries: the keys inside the spans of that tile
         (sinks + the widest head's window), each KV head's from its own cache and
         block table (``caches[h]`` ``[blocks, 1, block, 2D]``, ``tables[h]``). A key
@@ -178,8 +190,8 @@ class MoaAttentionImpl(AttentionImpl):
                 own = torch.where(allowed.any(dim=1), k_pos, k_pos[-1])  # [Hkv, Tk]
                 kv = [gather_kv(cache, table[i], pos, layout)
                       for cache, table, pos in zip(caches, tables, own)]
-                k = torch.cat([k for k, _ in kv], dim=1)
-                v = torch.cat([v for _, v in kv], dim=1)
+                k, v = quant.dequantize(torch.cat([k for k, _ in kv], dim=1),
+                                        torch.cat([v for _, v in kv], dim=1), query.dtype)
                 rows = slice(starts[i] + lo, starts[i] + hi)
                 out = _span_sdpa(query[rows], k, v, allowed, self.scale)
                 output[rows] = out.to(output.dtype)
@@ -193,6 +205,7 @@ class MoaAttentionImpl(AttentionImpl):
         slot_mapping: torch.Tensor,
     ) -> None:
         """Each local KV head goes to its own slot's cache, at its group's slots."""
+        quant = KVQuant(self.kv_cache_dtype, *kv_scales(layer))
         for j in range(self.num_kv_heads):
             if j == 0:
                 kv, slots = kv_cache, slot_mapping
@@ -202,11 +215,12 @@ class MoaAttentionImpl(AttentionImpl):
             if key.is_cuda:
                 reshape_and_cache_cuda(k, v, kv, slots, self.kv_cache_dtype, layer)
                 continue
-            kv_format = self._cache_format(kv)
+            kv_format = self._cache_format(kv, key.dtype)
             if kv_format.isa is not None:
-                cpu_attn_write(k, v, *cpu_attn_halves(kv), slots[:key.shape[0]], kv_format.isa)
+                cpu_attn_write(k, v, *cpu_attn_halves(kv), slots[:key.shape[0]], kv_format.isa,
+                               quant.k_scale, quant.v_scale, quant.cache_dtype)
             else:
-                self._write_torch(k, v, kv, slots)
+                self._write_torch(*quant.quantize(k, v), quant.stored(kv), slots)
 
     @staticmethod
     def _write_torch(key, value, kv_cache, slot_mapping) -> None:

@@ -23,6 +23,7 @@ from moa_vllm.engine.vllm_surface import (
     CommonAttentionMetadata,
     bound_kv_cache,
     full_decode_graphs,
+    kv_cache_dtype,
     local_attention_heads,
     max_num_seqs,
     model_dtype,
@@ -136,7 +137,8 @@ class MoaAttentionMetadataBuilder(AttentionMetadataBuilder[MoaAttentionMetadata]
         """The class's distinct rules, if attention runs on vLLM's CPU op."""
         spec, plan = self.kv_cache_spec, self.served.plan
         dtype = model_dtype(self.vllm_config)
-        kv = kv_format(self.device.type, dtype, spec.block_size, spec.head_size)
+        kv = kv_format(self.device.type, dtype, spec.block_size, spec.head_size,
+                       kv_cache_dtype(self.vllm_config))
         if not SpanRunBuilder.supports(plan.granule, spec.block_size, kv):
             return None
         rules: dict[tuple[int, int], int] = {}

@@ -350,6 +350,11 @@ def kv_pool_blocks(vllm_config: VllmConfig) -> int | None:
     return vllm_config.cache_config.num_gpu_blocks
 
 
+def kv_cache_dtype(vllm_config: VllmConfig) -> str:
+    """``--kv-cache-dtype``: ``auto`` (the model's dtype) or an fp8 variant."""
+    return vllm_config.cache_config.cache_dtype
+
+
 def kv_block_size(vllm_config: VllmConfig) -> int:
     """The block size the platform settled on (ours runs after its config hook)."""
     return vllm_config.cache_config.block_size
@@ -376,6 +381,10 @@ def device_type(vllm_config: VllmConfig) -> str:
 
 def model_dtype(vllm_config: VllmConfig) -> torch.dtype:
     return vllm_config.model_config.dtype
+
+
+def head_size(vllm_config: VllmConfig) -> int:
+    return vllm_config.model_config.get_head_size()
 
 
 def local_attention_heads(vllm_config: VllmConfig) -> int:
@@ -439,18 +448,29 @@ def reshape_and_cache_cuda(key, value, kv_cache, slot_mapping, kv_cache_dtype, l
 CPU_ATTN_PLAIN_ISAS = ("vec", "vec16")  # the ISAs whose in-block layout paged_kv reads
 
 
-def cpu_attention_isa(dtype: torch.dtype, block_size: int, head_size: int) -> str:
-    """The ISA vLLM's CPU attention op runs (and lays its blocks out) for these."""
+def cpu_attention_isa(dtype: torch.dtype, block_size: int, head_size: int,
+                      cache_dtype: str = "auto") -> str:
+    """The ISA vLLM's CPU attention op runs (and lays its blocks out) for these.
+    Raises NotImplementedError where vLLM's op cannot hold the cache dtype (fp8
+    needs AVX-512 or AMX, and a head size divisible by 32)."""
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    return _get_attn_isa(dtype, block_size, head_size, "auto")
+    return _get_attn_isa(dtype, block_size, head_size, cache_dtype)
 
 
-def cpu_attn_write(key, value, key_cache, value_cache, slot_mapping, isa: str) -> None:
+def kv_scales(layer) -> tuple[float, float]:
+    """The layer's K and V scales for a quantized KV cache (1.0 otherwise)."""
+    return layer._k_scale_float, layer._v_scale_float
+
+
+def cpu_attn_write(key, value, key_cache, value_cache, slot_mapping, isa: str,
+                   k_scale: float = 1.0, v_scale: float = 1.0,
+                   cache_dtype: str = "auto") -> None:
     from vllm import _custom_ops as ops
 
     ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, isa,
-                                   k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+                                   k_scale=k_scale, v_scale=v_scale,
+                                   kv_cache_dtype=cache_dtype)
 
 
 def cpu_attn_schedule(num_reqs: int, num_heads: int, head_size: int, seq_lens, dtype,
@@ -466,7 +486,8 @@ def cpu_attn_schedule(num_reqs: int, num_heads: int, head_size: int, seq_lens, d
 
 
 def cpu_attn_op(query, key_cache, value_cache, output, query_start_loc, seq_lens,
-                block_table, scheduler_metadata, scale: float) -> None:
+                block_table, scheduler_metadata, scale: float, k_scale: float = 1.0,
+                v_scale: float = 1.0, cache_dtype: str = "auto") -> None:
     """Causal attention of a batch of query chunks, each over its own block table
     (prefill chunks and decode rows alike)."""
     from vllm import _custom_ops as ops
@@ -475,7 +496,8 @@ def cpu_attn_op(query, key_cache, value_cache, output, query_start_loc, seq_lens
         query=query, key_cache=key_cache, value_cache=value_cache, output=output,
         query_start_loc=query_start_loc, seq_lens=seq_lens, scale=scale, causal=True,
         alibi_slopes=None, sliding_window=-1, block_table=block_table, softcap=0.0,
-        scheduler_metadata=scheduler_metadata, s_aux=None)
+        scheduler_metadata=scheduler_metadata, s_aux=None, k_scale=k_scale,
+        v_scale=v_scale, kv_cache_dtype=cache_dtype)
 
 
 # -- offline engines and the server ------------------------------------------

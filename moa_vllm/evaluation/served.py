@@ -31,6 +31,14 @@ def dense_budget_bytes(model_dir: str | Path, dtype: str, requests: int, tokens:
     return blocks * block_size * kv_bytes_per_token(model_dir, dtype)
 
 
+def moa_server_args(spec: str) -> tuple[str, list[str]]:
+    """``[NAME=]PLAN`` -> (name, the ``vllm serve`` arguments that serve that plan)."""
+    name, _, path = spec.rpartition("=")
+    config = json.dumps({"moa": {"plan": str(Path(path).resolve())}})
+    return name or Path(path).stem, ["--attention-backend", "moa",
+                                     "--additional-config", config]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -47,18 +55,21 @@ def metric_values(text: str) -> dict[str, float]:
     return values
 
 
+COUNTERS = ("vllm:num_preemptions", "vllm:prefix_cache_hits", "vllm:prefix_cache_queries")
+
+
 @dataclass
 class Sampler:
-    """Polls ``/metrics``: the most requests running at once, preemptions, and the
-    KV pool's use per running request."""
+    """Polls ``/metrics`` while a client runs: the most requests running at once, the
+    KV pool's use per running request then, and how much each counter grew
+    (preemptions, prefix-cache hits and queries, in tokens)."""
 
     base: str
     pool_bytes: int
     period_s: float = 0.5
     peak_running: int = 0
-    preemptions_at_start: float | None = None
-    preemptions: float = 0.0
     kv_per_request: list[float] = field(default_factory=list)
+    grew: dict[str, float] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def read(self) -> dict[str, float]:
@@ -72,10 +83,6 @@ class Sampler:
             except OSError:
                 v = {}
             running = int(v.get("vllm:num_requests_running", 0))
-            if "vllm:num_preemptions" in v:
-                if self.preemptions_at_start is None:
-                    self.preemptions_at_start = v["vllm:num_preemptions"]
-                self.preemptions = v["vllm:num_preemptions"] - self.preemptions_at_start
             if running > self.peak_running:
                 self.peak_running, self.kv_per_request = running, []
             if running and running == self.peak_running:
@@ -84,7 +91,7 @@ class Sampler:
             self._stop.wait(self.period_s)
 
     def __enter__(self) -> Sampler:
-        self.preemptions_at_start = self.read().get("vllm:num_preemptions", 0.0)
+        self._start = self.read()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
         return self
@@ -92,8 +99,8 @@ class Sampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        v = self.read()
-        self.preemptions = v.get("vllm:num_preemptions", 0.0) - (self.preemptions_at_start or 0)
+        end = self.read()
+        self.grew = {c: end.get(c, 0.0) - self._start.get(c, 0.0) for c in COUNTERS}
 
 
 class Server:
@@ -164,3 +171,44 @@ def bench_serve(base: str, tokenizer: str | Path, bench_args: list[str]) -> dict
             raise RuntimeError(f"vllm bench serve failed:\n{done.stdout[-2000:]}"
                                f"\n{done.stderr[-2000:]}")
         return json.loads((Path(tmp) / "result.json").read_text())
+
+
+def measure(server: Server, tokenizer: str | Path, bench_args: list[str],
+            pool_bytes: int) -> dict:
+    """One client run against a started server: latency and throughput from
+    ``vllm bench serve``, concurrency, preemptions, prefix-cache hits and KV from
+    ``/metrics``."""
+    with Sampler(server.base, pool_bytes) as sampler:
+        result = bench_serve(server.base, tokenizer, bench_args)
+    kv = sorted(sampler.kv_per_request)
+    queries = sampler.grew["vllm:prefix_cache_queries"]
+    return {
+        "completed": result["completed"], "failed": result.get("failed", 0),
+        "output_tok_s": result["output_throughput"],
+        "ttft_median_s": result["median_ttft_ms"] / 1e3,
+        "ttft_p99_s": result["p99_ttft_ms"] / 1e3,
+        "tpot_median_ms": result["median_tpot_ms"], "tpot_p99_ms": result["p99_tpot_ms"],
+        "peak_running": sampler.peak_running,
+        "preemptions": int(sampler.grew["vllm:num_preemptions"]),
+        "prefix_hit_rate": sampler.grew["vllm:prefix_cache_hits"] / queries if queries else 0.0,
+        "kv_mib_per_request": kv[len(kv) // 2] / 2**20 if kv else None,
+        "logged_max_concurrency": server.max_concurrency_logged(),
+        "block_size": server.logged(r"MoA: KV block size (\d+)") or "vLLM default",
+    }
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> list[str]:
+    """Rows as a markdown table; ``columns``: (title, key, format spec)."""
+    def cell(row, key, spec):
+        value = row.get(key)
+        return "-" if value is None else format(value, spec)
+
+    return (["| " + " | ".join(title for title, _, _ in columns) + " |",
+             "|" + "---|" * len(columns)]
+            + ["| " + " | ".join(cell(row, key, spec) for _, key, spec in columns) + " |"
+               for row in rows])
+
+
+def ratios(row: dict, base: dict, keys: list[str]) -> dict:
+    """``row[key] / base[key]`` for each key (None where either is missing or 0)."""
+    return {k: row[k] / base[k] if row.get(k) and base.get(k) else None for k in keys}

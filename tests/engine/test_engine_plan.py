@@ -11,7 +11,9 @@ from moa_vllm.plan import PlanError
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"kv_cache_dtype": "fp8"}, r"does not support kv_cache_dtype=fp8 \(MoA keeps"),
+    ({"kv_cache_dtype": "fp8", "hf_overrides": {"head_dim": 16}},
+     r"does not support kv_cache_dtype=fp8 on this CPU \(FP8 KV cache requires head_size "
+     r"divisible by 32"),
     ({"hf_overrides": {"sliding_window": 64}},
      r"does not support the model's own sliding window \(64 tokens; --disable-sliding-window"),
     ({"hf_overrides": {"attn_logit_softcapping": 50.0}}, r"does not support logits soft-capping"),
@@ -20,6 +22,13 @@ def test_unsupported_options_fail_before_the_engine(tiny_dir, tmp_path, options,
     with pytest.raises(PlanError, match=message) as err:
         start_llm(tiny_dir, heterogeneous_plan(tiny_dir, "position"), tmp_path, **options)
     assert "\n" not in str(err.value)
+
+
+def test_fp8_on_blocks_vllms_op_cannot_hold_fails_before_the_engine(tiny_dir, tmp_path):
+    with pytest.raises(PlanError, match=r"an fp8 KV cache on CPU needs a KV block size that "
+                       r"is a multiple of 32 \(vLLM's op has no fp8 path below that\), got 16"):
+        start_llm(tiny_dir, heterogeneous_plan(tiny_dir, "position"), tmp_path,
+                  kv_cache_dtype="fp8", block_size=16)
 
 
 def test_granule_the_block_size_does_not_divide_fails_before_the_engine(tiny_dir, tmp_path):
