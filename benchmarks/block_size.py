@@ -19,10 +19,10 @@ import sys
 import time
 from pathlib import Path
 
+from moa_vllm.evaluation.machine import machine
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_throughput import BUDGET_BLOCK, run_backend  # noqa: E402
-
-from moa_vllm.evaluation.machine import machine
 
 
 def main() -> int:

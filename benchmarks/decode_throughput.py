@@ -36,6 +36,8 @@ from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # read the block pool
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from moa_vllm.evaluation.machine import machine  # noqa: E402
 BUDGET_BLOCK = 128  # tokens: the KV budget holds whole dense blocks of vLLM's CPU default
 
 
