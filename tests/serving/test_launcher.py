@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from moa_testing import heterogeneous_plan
-from test_server import free_port
+from moa_vllm.evaluation.served import free_port
 
 MOA_VLLM = str(Path(sys.executable).parent / "moa-vllm")
 MODEL = "tiny"

@@ -5,25 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 from moa_testing import model_fingerprint
 
+from moa_vllm.evaluation.served import VLLM, free_port
 from moa_vllm.plan import PlanError, load_plan, uniform_plan
-
-VLLM = str(Path(sys.executable).parent / "vllm")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(url: str, payload: dict) -> dict:
