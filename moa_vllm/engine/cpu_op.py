@@ -25,6 +25,7 @@ from moa_vllm.engine.vllm_surface import (
     cpu_attention_isa,
     cpu_attn_op,
     cpu_attn_schedule,
+    fp8_storage_dtype,
 )
 from moa_vllm.paged_kv import KVLayout, compact_block_tables, cpu_attn_halves
 from moa_vllm.span_mask import LayerSpans
@@ -70,9 +71,10 @@ class KVQuant:
         return self.cache_dtype != "auto"
 
     def stored(self, kv_cache: torch.Tensor) -> torch.Tensor:
-        """The cache as its fp8 elements (vLLM may allocate the bytes as uint8)."""
+        """The cache as the fp8 elements vLLM's writer stores (it allocates the
+        bytes as uint8)."""
         if self.quantized and kv_cache.dtype == torch.uint8:
-            return kv_cache.view(FP8_DTYPES[self.cache_dtype])
+            return kv_cache.view(fp8_storage_dtype(self.cache_dtype, kv_cache.device))
         return kv_cache
 
     def dequantize(self, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype):
@@ -84,10 +86,6 @@ class KVQuant:
         if not self.quantized:
             return k, v
         return k / self.k_scale, v / self.v_scale
-
-
-FP8_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
-              "fp8_e5m2": torch.float8_e5m2}
 
 
 @dataclass(frozen=True)

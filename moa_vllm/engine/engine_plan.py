@@ -146,11 +146,16 @@ def unsupported(vllm_config) -> list[str]:
 
 
 def quantized_cache_problems(vllm_config, cache_dtype: str) -> list[str]:
-    """A quantized KV cache runs where vLLM's CPU op holds it; MoA's CUDA kernel
-    reads the model's dtype only."""
-    if vllm_surface.device_type(vllm_config) != "cpu":
-        return [f"kv_cache_dtype={cache_dtype} on {vllm_surface.device_type(vllm_config)} "
-                "(MoA's Triton kernel reads the model's dtype; on CPU vLLM's op holds fp8)"]
+    """An fp8 KV cache runs where vLLM's writer stores it: on CUDA devices with
+    native fp8 (MoA's kernel dequantizes on load), on CPUs where vLLM's op holds it."""
+    device = vllm_surface.device_type(vllm_config)
+    if device == "cuda":
+        if vllm_surface.cuda_fp8_supported():
+            return []
+        return [f"kv_cache_dtype={cache_dtype} on this GPU (vLLM's KV writer stores fp8 "
+                "on compute capability 8.9 and above)"]
+    if device != "cpu":
+        return [f"kv_cache_dtype={cache_dtype} on {device} (MoA serves fp8 KV on CUDA and CPU)"]
     try:
         vllm_surface.cpu_attention_isa(vllm_surface.model_dtype(vllm_config),
                                        vllm_surface.kv_block_size(vllm_config),

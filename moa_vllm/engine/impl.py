@@ -32,6 +32,7 @@ from moa_vllm.engine.vllm_surface import (
     AttentionLayer,
     AttentionType,
     cpu_attn_write,
+    kv_scale_tensors,
     kv_scales,
     reshape_and_cache_cuda,
     slot_attention_context,
@@ -113,8 +114,9 @@ class MoaAttentionImpl(AttentionImpl):
         quant = KVQuant(self.kv_cache_dtype, *kv_scales(layer))
         if self._triton(query):
             heads = attn_metadata.layer_heads[layer.layer_name]
-            self._forward_triton(query[:num_tokens], kv_cache, attn_metadata, heads,
-                                 output[:num_tokens])
+            scales = kv_scale_tensors(layer) if quant.quantized else (None, None)
+            self._forward_triton(query[:num_tokens], quant.stored(kv_cache), attn_metadata,
+                                 heads, output[:num_tokens], *scales)
             return output
         slots = list(self._slots(layer, attn_metadata, kv_cache))
         caches = [kv for _, kv in slots]
@@ -148,8 +150,10 @@ class MoaAttentionImpl(AttentionImpl):
             md, kv, _ = slot_attention_context(slot_layer_name(layer.layer_name, j))
             yield md, kv
 
-    def _forward_triton(self, query, kv_cache, md, heads, output) -> None:
-        """One launch for every KV head of the layer (``heads``: ``LayerHeads``)."""
+    def _forward_triton(self, query, kv_cache, md, heads, output, k_scale=None,
+                        v_scale=None) -> None:
+        """One launch for every KV head of the layer (``heads``: ``LayerHeads``); an
+        fp8 ``kv_cache`` is dequantized on load with the layer's scale tensors."""
         from moa_kernels import span_attention_paged
 
         spans = heads.spans
@@ -162,7 +166,7 @@ class MoaAttentionImpl(AttentionImpl):
             prompt_lens=md.prompt_lens, scale=self.scale, output=output,
             max_query_len=md.max_query_len, max_seq_len=md.max_seq_len,
             head_tables=heads.tables, head_offsets=heads.offsets, granule=spans.granule,
-            num_splits=md.num_splits,
+            num_splits=md.num_splits, k_scale=k_scale, v_scale=v_scale,
         )
 
     def _forward_torch(self, query, caches, tables, md, spans, output,
@@ -231,5 +235,5 @@ class MoaAttentionImpl(AttentionImpl):
         block_size = kv_cache.shape[2]
         blocks, offsets = slots // block_size, slots % block_size
         k_cache, v_cache = kv_views(kv_cache, KVLayout.TOKEN_ROWS)
-        k_cache[blocks, :, offsets] = key[valid]
-        v_cache[blocks, :, offsets] = value[valid]
+        k_cache[blocks, :, offsets] = key[valid].to(k_cache.dtype)  # fp8: rounds here
+        v_cache[blocks, :, offsets] = value[valid].to(v_cache.dtype)

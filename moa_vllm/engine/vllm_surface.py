@@ -60,7 +60,9 @@ Contracts we rely on (vLLM file, relative to the ``vllm`` package):
   ``get_preferred_block_size`` again in the executor), ``compilation_config.cudagraph_mode``,
   ``scheduler_config.max_num_seqs``.
 - ``distributed``: the tensor-parallel rank (the world size from the config).
-- ``v1/attention/ops/triton_reshape_and_cache_flash.py``: the CUDA KV write.
+- ``v1/attention/ops/triton_reshape_and_cache_flash.py``: the CUDA KV write; with
+  an fp8 cache it stores every fp8 variant as ``current_platform.fp8_dtype()``
+  (SM89+), the scales in the layer's ``_k_scale`` / ``_v_scale`` tensors.
 - ``v1/attention/backends/cpu_attn.py`` and ``_custom_ops.py``: the CPU op's ISA
   choice (``_get_attn_isa``), its writer ``cpu_attn_reshape_and_cache``, its
   ``cpu_attn_get_scheduler_metadata`` and ``cpu_attention_with_kv_cache`` (output
@@ -461,6 +463,34 @@ def cpu_attention_isa(dtype: torch.dtype, block_size: int, head_size: int,
 def kv_scales(layer) -> tuple[float, float]:
     """The layer's K and V scales for a quantized KV cache (1.0 otherwise)."""
     return layer._k_scale_float, layer._v_scale_float
+
+
+def kv_scale_tensors(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same scales as the layer's one-element device tensors (what a kernel
+    reads without a host sync)."""
+    return layer._k_scale, layer._v_scale
+
+
+FP8_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
+              "fp8_e5m2": torch.float8_e5m2}
+
+
+def fp8_storage_dtype(cache_dtype: str, device: torch.device) -> torch.dtype:
+    """The fp8 element type vLLM's writer stores for ``cache_dtype``: the CPU op
+    the one named; on CUDA ``triton_reshape_and_cache_flash`` every fp8 variant
+    as ``current_platform.fp8_dtype()`` (both allocate the bytes as uint8)."""
+    if device.type == "cuda":
+        from vllm.platforms import current_platform
+
+        return current_platform.fp8_dtype()
+    return FP8_DTYPES[cache_dtype]
+
+
+def cuda_fp8_supported() -> bool:
+    """vLLM's CUDA KV writer stores fp8 only on devices with native fp8 (SM89+)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.has_device_capability(89)
 
 
 def cpu_attn_write(key, value, key_cache, value_cache, slot_mapping, isa: str,

@@ -11,14 +11,17 @@ from __future__ import annotations
 import pytest
 from moa_testing import heterogeneous_plan, start_llm, stop_llm
 
+from moa_vllm.engine.cpu_op import TOKEN_ROWS_FORMAT
 from moa_vllm.engine.impl import MoaAttentionImpl
 
 PROMPT_LENS = [20, 90, 170]
 
 
-def generate(tiny_dir, plan, tmp, triton: bool) -> tuple[list, list[int]]:
+def generate(tiny_dir, plan, tmp, triton: bool, token_rows: bool = False,
+             **options) -> tuple[list, list[int]]:
     """Token ids and log-probabilities (prompt and generated), and the split
-    counts the kernel ran with."""
+    counts the kernel ran with. ``token_rows``: the torch path on the cache layout
+    and writer the Triton path uses (not vLLM's CPU op's)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -30,6 +33,7 @@ def generate(tiny_dir, plan, tmp, triton: bool) -> tuple[list, list[int]]:
 
     def recording_kernel(*args, **kwargs):
         assert kwargs["head_offsets"].shape == (2,)  # one launch for the layer's 2 KV heads
+        assert (kwargs["k_scale"] is None) == (options.get("kv_cache_dtype") is None)
         splits.append(kwargs.get("num_splits"))
         return kernel(*args, **kwargs)
 
@@ -39,7 +43,11 @@ def generate(tiny_dir, plan, tmp, triton: bool) -> tuple[list, list[int]]:
             mp.setattr(moa_kernels, "span_attention_paged", recording_kernel)
             # decode splits as under full CUDA graphs: fixed by the batch size
             mp.setattr(metadata, "full_decode_graphs", lambda config: True)
-        llm = start_llm(tiny_dir, plan, tmp, max_num_batched_tokens=64)  # chunked prefill
+        if token_rows:
+            mp.setattr(MoaAttentionImpl, "_cache_format", lambda self, kv, dtype: TOKEN_ROWS_FORMAT)
+            mp.setenv("MOA_CPU_ATTN", "torch")
+        llm = start_llm(tiny_dir, plan, tmp, max_num_batched_tokens=64,  # chunked prefill
+                        **options)
         try:
             prompts = [TokensPrompt(prompt_token_ids=[(7 * i + n) % 500 + 3 for i in range(n)])
                        for n in PROMPT_LENS]
@@ -67,3 +75,17 @@ def test_triton_path_in_engine_matches_torch_path(tiny_dir, tmp_path, elastic):
     for (ids_t, lp_t), (ids_k, lp_k) in zip(torch_runs, triton_runs):
         assert ids_k == ids_t
         assert lp_k == pytest.approx(lp_t, abs=2e-3)
+
+
+def test_triton_path_in_engine_reads_an_fp8_cache(tiny_dir, tmp_path):
+    """``--kv-cache-dtype fp8``: the kernel gets the cache as fp8 elements and the
+    layer's scale tensors, and answers as the torch path does on the same fp8 cache
+    (its agreement with vLLM's CPU op and writer: ``engine/test_kv_quant``)."""
+    plan = heterogeneous_plan(tiny_dir, "position", seed=7, sink_tokens=32, granule=32)
+    fp8 = {"kv_cache_dtype": "fp8", "block_size": 32}
+    torch_runs, _ = generate(tiny_dir, plan, tmp_path, triton=False, token_rows=True, **fp8)
+    triton_runs, splits = generate(tiny_dir, plan, tmp_path, triton=True, **fp8)
+    assert any(s is not None and s > 1 for s in splits), "the split-KV decode never ran"
+    for (ids_o, lp_o), (ids_k, lp_k) in zip(torch_runs, triton_runs):
+        assert ids_k == ids_o
+        assert lp_k == pytest.approx(lp_o, rel=2e-4, abs=2e-3)  # log-probs down to -18

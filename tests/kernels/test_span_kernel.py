@@ -195,3 +195,24 @@ def test_exact_floor(device, elastic):
     assert_matches(case, num_splits=3)
     no_floor = dataclasses.replace(case, spans=dataclasses.replace(case.spans, exact_floor=0))
     assert (out - reference(no_floor)).abs().max() > 1e-3  # the floor does widen spans
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_fp8_cache(device, fp8, splits):
+    """An fp8 cache (vLLM's per-tensor scales) against the oracle on the cache the
+    kernel must see: each element times its scale. Decode and a prefill chunk."""
+    case = make_case(
+        [260, 120], [1, 30], num_heads=6, num_kv_heads=2, head_size=HEAD,
+        rules=[(10, 0.125), (4, 0.0)], sink_tokens=3, transposed=True, device=device, seed=13,
+    )
+    k_scale, v_scale = 0.02, 0.05
+    scales = torch.tensor([k_scale] * HEAD + [v_scale] * HEAD, device=device)
+    stored = (case.kv_cache.float() / scales).to(fp8)
+    dequantized = dataclasses.replace(case, kv_cache=stored.float() * scales)
+    fp8_case = dataclasses.replace(case, kv_cache=stored)
+    out = run_kernel(fp8_case, num_splits=splits,
+                     k_scale=torch.tensor([k_scale], device=device),
+                     v_scale=torch.tensor([v_scale], device=device)).cpu().float()
+    assert (out - reference(dequantized)).abs().max() < 2e-4
+    assert (out - reference(case)).abs().max() > 1e-3  # the fp8 rounding does show

@@ -37,6 +37,8 @@ import triton.language as tl
 BETA_SCALE = 4096  # must match moa_vllm.span_mask.BETA_SCALE
 FULL_WINDOW = tl.constexpr(1 << 30)  # must match moa_vllm.span_mask.FULL_WINDOW
 LOG2E = 1.4426950408889634
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz,
+              torch.float8_e5m2fnuz)
 
 
 def _interpreting() -> bool:
@@ -75,6 +77,8 @@ def _span_attention_kernel(
     beta_q_ptr,
     head_table_ptr,  # [num_kv_heads] int32: row of the stacked block tables (PER_HEAD)
     head_offset_ptr,  # [num_kv_heads] int64: element offset of each head's cache (PER_HEAD)
+    k_scale_ptr,  # [1] fp32: K's dequantization scale (KV_FP8)
+    v_scale_ptr,  # [1] fp32: V's dequantization scale (KV_FP8)
     sink_tokens,
     min_window,
     exact_floor,  # N <= exact_floor: every key (span_mask.FULL_WINDOW)
@@ -108,6 +112,7 @@ def _span_attention_kernel(
     DOT_IEEE: tl.constexpr,  # fp32 inputs: exact fp32 dots instead of tf32
     BETA_DEN: tl.constexpr,
     PER_HEAD: tl.constexpr,  # head classes: each KV head its own cache and block table
+    KV_FP8: tl.constexpr,  # fp8 cache: K and V dequantized on load (element * scale)
 ):
     q_block_global = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -180,6 +185,9 @@ def _span_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_SIZE_PADDED], dtype=tl.float32)
 
+    if KV_FP8:
+        k_scale = tl.load(k_scale_ptr).to(tl.float32)
+        v_scale = tl.load(v_scale_ptr).to(tl.float32)
     if PER_HEAD:
         bt_row = (block_table_ptr + tl.load(head_table_ptr + kv_head).to(tl.int64) * stride_btg
                   + seq.to(tl.int64) * stride_bt0)
@@ -204,6 +212,9 @@ def _span_attention_kernel(
             mask=k_load[:, None] & dim_valid[None, :],
             other=0.0,
         )  # [TILE, D]
+        if KV_FP8:
+            k = (k.to(tl.float32) * k_scale).to(q.dtype)
+            v = (v.to(tl.float32) * v_scale).to(q.dtype)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -365,11 +376,15 @@ def span_attention_paged(
     block_m: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """MoA attention over vLLM's paged KV cache, written into ``output``.
 
     ``kv_cache`` is the logical ``[num_blocks, num_kv_heads, block_size, 2 * D]``
-    view (K then V in the last dim), any strides.
+    view (K then V in the last dim), any strides. An fp8 cache (``float8_e4m3fn``,
+    ``float8_e5m2``) is dequantized on load with the one-element fp32 tensors
+    ``k_scale`` / ``v_scale`` (device tensors: no host sync, graph-safe).
 
     Head classes (``head_offsets`` given): every KV head has its own one-head
     cache in the same allocation as ``kv_cache`` (head 0's), at element offset
@@ -398,6 +413,9 @@ def span_attention_paged(
         return
     group = num_heads // num_kv_heads
     interp = _interpreting()
+    kv_fp8 = kv_cache.dtype in FP8_DTYPES
+    if kv_fp8:
+        assert k_scale is not None and v_scale is not None, "an fp8 cache needs its scales"
     head_size_padded = triton.next_power_of_2(head_size)
 
     decode = max_query_len == 1
@@ -437,6 +455,7 @@ def span_attention_paged(
         prompt_lens if prompt_lens is not None else seq_lens,
         alpha, beta_q,
         head_tables if per_head else alpha, head_offsets if per_head else alpha,
+        k_scale if kv_fp8 else alpha, v_scale if kv_fp8 else alpha,
         int(sink_tokens), int(min_window), int(exact_floor), int(granule),
         float(scale) * LOG2E, num_seqs,
         query.stride(0), query.stride(1), query.stride(2),
@@ -458,6 +477,7 @@ def span_attention_paged(
         DOT_IEEE=query.dtype == torch.float32 and not interp,
         BETA_DEN=BETA_SCALE,
         PER_HEAD=per_head,
+        KV_FP8=kv_fp8,
         **launch,
     )
     if is_split:
