@@ -64,7 +64,7 @@ def test_chat_completion_through_moa(server):
     })
     assert "Paris" in reply["choices"][0]["message"]["content"]
     text = log.read_text()
-    assert "MoA plan" in text and "smollm2-135m-moa-0.5.json" in text  # the shipped default
+    assert "MoA plan" in text and "smollm2-135m-moa-0.5-position.json" in text  # the default
     assert "MoA: KV block size" in text and "no --block-size given" in text  # MoA chose
 
 
@@ -73,7 +73,7 @@ def test_plan_route_reports_the_served_plan(server):
     with urllib.request.urlopen(f"{base}/v1/moa/plan", timeout=30) as response:
         report = json.loads(response.read())
     plan = load_plan(report["source"])
-    assert report["source"].endswith("smollm2-135m-moa-0.5.json")
+    assert report["source"].endswith("smollm2-135m-moa-0.5-position.json")
     assert report["exact_floor"] == plan.exact_floor > 0
     assert 64 % report["block_size"] == 0  # the block size MoA chose serves the granule
     dense_up_to_floor = [d for d in report["densities"] if d["length"] < plan.exact_floor]
