@@ -3,9 +3,14 @@ fixtures that start one are module-scoped, and start them only through here."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def model_fingerprint(model_dir):
@@ -84,3 +89,19 @@ def held_blocks(llm, request_id: str) -> dict[int, int]:
         )
         for m in kvm.coordinator.single_type_managers
     }
+
+
+def serving_smoke_rows(script: str, model_dir, plan, tmp_path) -> tuple[list[dict], str]:
+    """``benchmarks/<script> --smoke`` with ``plan`` served as ``moa`` (real
+    ``vllm serve`` servers, fp32, eager): the rows of its JSON and its markdown."""
+    plan.save(tmp_path / "plan.json")
+    out = tmp_path / Path(script).stem
+    result = subprocess.run(
+        [sys.executable, "-P", str(ROOT / "benchmarks" / script),
+         "--model", str(model_dir), "--plan", f"moa={tmp_path / 'plan.json'}", "--smoke",
+         "--dtype", "float32", "--out", str(out), "--server-args", "--enforce-eager"],
+        capture_output=True, text=True, timeout=900, env=os.environ,
+    )
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    return (json.loads(out.with_suffix(".json").read_text())["rows"],
+            out.with_suffix(".md").read_text())

@@ -4,17 +4,10 @@ benchmarks/results/): two real `vllm serve` servers under one KV budget, driven 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-from moa_testing import model_fingerprint
+from moa_testing import model_fingerprint, serving_smoke_rows
 
 from moa_vllm.plan import uniform_plan
 
-ROOT = Path(__file__).resolve().parent.parent
 FIELDS = ("output_tok_s", "ttft_median_s", "ttft_p99_s", "tpot_median_ms", "tpot_p99_ms",
           "peak_running", "preemptions", "kv_mib_per_request", "logged_max_concurrency")
 
@@ -22,16 +15,7 @@ FIELDS = ("output_tok_s", "ttft_median_s", "ttft_p99_s", "tpot_median_ms", "tpot
 def test_serve_throughput_smoke(tiny_dir, tmp_path):
     plan = uniform_plan(model_fingerprint(tiny_dir), 0.5, length=332, sink_tokens=16,
                         min_window=16, granule=16, elastic="prompt")
-    plan.save(tmp_path / "plan.json")
-    out = tmp_path / "serve"
-    result = subprocess.run(
-        [sys.executable, "-P", str(ROOT / "benchmarks" / "serve_throughput.py"),
-         "--model", str(tiny_dir), "--plan", f"moa={tmp_path / 'plan.json'}", "--smoke",
-         "--dtype", "float32", "--out", str(out), "--server-args", "--enforce-eager"],
-        capture_output=True, text=True, timeout=900, env=os.environ,
-    )
-    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
-    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    rows, table = serving_smoke_rows("serve_throughput.py", tiny_dir, plan, tmp_path)
     assert [r["server"] for r in rows] == ["dense", "moa"]
     for row in rows:
         assert row["completed"] == row["requested"] and row["failed"] == 0
@@ -40,5 +24,4 @@ def test_serve_throughput_smoke(tiny_dir, tmp_path):
     dense, moa = rows
     assert moa["logged_max_concurrency"] > dense["logged_max_concurrency"]
     assert moa["kv_mib_per_request"] < dense["kv_mib_per_request"]
-    table = out.with_suffix(".md").read_text()
     assert "| moa / dense | 300 | " in table
