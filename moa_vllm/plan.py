@@ -4,6 +4,11 @@ A plan is a JSON document validated with pydantic. It names the model shape it
 was made for (its fingerprint), the sink tokens, the elastic mode, the minimum
 window, the rules and how it was made (provenance). Plans are per KV head (GQA
 native): masking a KV position for a KV head masks it for all its query heads.
+
+Hybrid models window some layers themselves (Gemma 3: five of every six). The
+fingerprint lists those layers (``windowed_layers``, with the model's
+``sliding_window``); their rows of ``rules`` (and ``head_classes``) are ``null``:
+MoA serves the full-attention layers only, vLLM the windowed ones.
 """
 
 from __future__ import annotations
@@ -43,17 +48,40 @@ class ModelFingerprint(BaseModel):
     num_kv_heads: int = Field(gt=0)
     head_dim: int = Field(gt=0)
     max_position_embeddings: int = Field(gt=0)
+    windowed_layers: list[int] = Field(default_factory=list)
+    """Layers the model windows itself (its own sliding window); MoA leaves them."""
+    sliding_window: int | None = Field(default=None, gt=0)
+    """The model's own window (tokens), when it has windowed layers."""
+
+    @model_validator(mode="after")
+    def _check_windowed(self) -> ModelFingerprint:
+        layers = self.windowed_layers
+        if layers != sorted(set(layers)) or any(not 0 <= i < self.num_layers for i in layers):
+            raise ValueError(f"windowed_layers must be distinct increasing layer indices "
+                             f"below {self.num_layers}, got {layers}")
+        if bool(layers) != (self.sliding_window is not None):
+            raise ValueError("windowed_layers and sliding_window go together")
+        return self
+
+    @property
+    def full_layers(self) -> list[int]:
+        """The layers MoA serves: those with full attention in the model."""
+        windowed = set(self.windowed_layers)
+        return [i for i in range(self.num_layers) if i not in windowed]
 
     def describe(self) -> str:
+        hybrid = (f", {len(self.windowed_layers)} of them windowed to {self.sliding_window} "
+                  "tokens by the model" if self.windowed_layers else "")
         return (
-            f"{self.architecture} with {self.num_layers} layers, "
+            f"{self.architecture} with {self.num_layers} layers{hybrid}, "
             f"{self.num_attention_heads} query / {self.num_kv_heads} KV heads, "
             f"head_dim {self.head_dim}, {self.max_position_embeddings} positions"
         )
 
     def shape_matches(self, other: ModelFingerprint) -> bool:
         """Same attention shape; the context length may differ (rules scale with N)."""
-        keys = ("num_layers", "num_attention_heads", "num_kv_heads", "head_dim")
+        keys = ("num_layers", "num_attention_heads", "num_kv_heads", "head_dim",
+                "windowed_layers", "sliding_window")
         return all(getattr(self, k) == getattr(other, k) for k in keys)
 
 
@@ -85,11 +113,12 @@ class Plan(BaseModel):
     max_span_classes: int = Field(default=4, ge=1)
     """Head classes (KV-cache groups) at most: the runtime uses the largest count
     that splits the (layer, KV head) slots evenly."""
-    rules: list[list[tuple[int, float]]]
-    head_classes: list[list[int]] | None = None
-    """Optional class of every (layer, KV head) slot, ``[layer][kv head]``, classes
-    ``0..k-1`` of equal sizes (the search writes one); without it the runtime
-    derives one (``span_classes.head_class_assignment``)."""
+    rules: list[list[tuple[int, float]] | None]
+    """``[layer][kv head]``; ``null`` for a layer the model windows itself."""
+    head_classes: list[list[int] | None] | None = None
+    """Optional class of every (layer, KV head) slot, ``[layer][kv head]`` (``null``
+    where ``rules`` is), classes ``0..k-1`` of equal sizes (the search writes one);
+    without it the runtime derives one (``span_classes.head_class_assignment``)."""
     provenance: Provenance
 
     @model_validator(mode="after")
@@ -100,13 +129,8 @@ class Plan(BaseModel):
                 f"(this moa-vllm reads version {PLAN_VERSION})"
             )
         shape = (self.model.num_layers, self.model.num_kv_heads)
-        if len(self.rules) != shape[0] or any(len(r) != shape[1] for r in self.rules):
-            got = (len(self.rules), sorted({len(r) for r in self.rules}))
-            raise ValueError(
-                f"rules must be [num_layers={shape[0]}][num_kv_heads={shape[1]}], "
-                f"got {got[0]} layers with {got[1]} heads"
-            )
-        for layer, row in enumerate(self.rules):
+        _check_table("rules", self.rules, shape, self.model.windowed_layers)
+        for layer, row in self.layer_rules():
             for head, (alpha, beta) in enumerate(row):
                 if not (math.isfinite(beta) and 0.0 <= beta <= 1.0):
                     raise ValueError(
@@ -126,10 +150,8 @@ class Plan(BaseModel):
 
     def _check_head_classes(self, shape: tuple[int, int]) -> None:
         rows = self.head_classes
-        if len(rows) != shape[0] or any(len(r) != shape[1] for r in rows):
-            raise ValueError(f"head_classes must be [num_layers={shape[0]}]"
-                             f"[num_kv_heads={shape[1]}] like rules")
-        sizes = Counter(c for row in rows for c in row)
+        _check_table("head_classes", rows, shape, self.model.windowed_layers)
+        sizes = Counter(c for row in rows if row is not None for c in row)
         if sorted(sizes) != list(range(len(sizes))):
             raise ValueError(f"head_classes must number the classes 0..{len(sizes) - 1}, "
                              f"got {sorted(sizes)}")
@@ -139,8 +161,14 @@ class Plan(BaseModel):
 
     # -- runtime views -------------------------------------------------------
 
+    def layer_rules(self) -> list[tuple[int, list[tuple[int, float]]]]:
+        """``(layer, rules)`` of every layer MoA serves (not the model-windowed ones)."""
+        return [(layer, row) for layer, row in enumerate(self.rules) if row is not None]
+
     def layer_spans(self, layer: int, kv_heads: slice | None = None) -> LayerSpans:
         """Rules of one layer as tensors; ``kv_heads`` selects a tensor-parallel slice."""
+        if self.rules[layer] is None:
+            raise ValueError(f"layer {layer} is windowed by the model: it has no MoA rules")
         row = self.rules[layer][kv_heads or slice(None)]
         return LayerSpans(
             alpha=torch.tensor([a for a, _ in row], dtype=torch.int32),
@@ -151,6 +179,14 @@ class Plan(BaseModel):
             granule=self.granule,
             exact_floor=self.exact_floor,
         )
+
+    def mask_spans(self, layer: int) -> LayerSpans:
+        """What each query of ``layer`` reads in the whole model under this plan: the
+        layer's rules, or the model's own window where the model windows it (the
+        torch references of the model: the oracle, the planner's masked forward)."""
+        if self.rules[layer] is None:
+            return LayerSpans.model_window(self.model.sliding_window, self.model.num_kv_heads)
+        return self.layer_spans(layer)
 
     def to_json(self) -> str:
         """Indented JSON with one line per layer of rules and of head classes (plans
@@ -167,6 +203,21 @@ class Plan(BaseModel):
 
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_text(self.to_json())
+
+
+def _check_table(name: str, rows: list, shape: tuple[int, int],
+                 windowed_layers: list[int]) -> None:
+    """``rows`` is ``[num_layers][num_kv_heads]``, ``null`` exactly at the windowed layers."""
+    windowed = set(windowed_layers)
+    if len(rows) != shape[0] or any(
+            (row is None) != (layer in windowed) or (row is not None and len(row) != shape[1])
+            for layer, row in enumerate(rows)):
+        nulls = [layer for layer, row in enumerate(rows) if row is None]
+        heads = sorted({len(r) for r in rows if r is not None})
+        raise ValueError(
+            f"{name} must be [num_layers={shape[0]}][num_kv_heads={shape[1]}] with null rows "
+            f"exactly at the model's windowed layers {sorted(windowed)}, got {len(rows)} "
+            f"layers with {heads} heads and null rows at {nulls}")
 
 
 def _format_validation_error(err: ValidationError) -> str:
@@ -218,13 +269,21 @@ def fingerprint_from_hf_config(hf_config: Any) -> ModelFingerprint:
         text_config.hidden_size // num_heads
     )
     archs = getattr(hf_config, "architectures", None) or ["unknown"]
+    num_layers = text_config.num_hidden_layers
+    window = getattr(text_config, "sliding_window", None)
+    if window is not None and getattr(text_config, "use_sliding_window", True) is False:
+        window = None
+    layer_types = getattr(text_config, "layer_types", None) or ["sliding_attention"] * num_layers
+    windowed = [i for i, kind in enumerate(layer_types) if kind == "sliding_attention"]
     return ModelFingerprint(
         architecture=archs[0],
-        num_layers=text_config.num_hidden_layers,
+        num_layers=num_layers,
         num_attention_heads=num_heads,
         num_kv_heads=getattr(text_config, "num_key_value_heads", None) or num_heads,
         head_dim=head_dim,
         max_position_embeddings=text_config.max_position_embeddings,
+        windowed_layers=windowed if window is not None else [],
+        sliding_window=window if window is not None and windowed else None,
     )
 
 
@@ -238,6 +297,13 @@ def check_plan_fits(plan: Plan, model: ModelFingerprint, source: str) -> None:
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def full_layer_rows(model: ModelFingerprint, row) -> list:
+    """A ``[layer]`` table: ``row(layer)`` for the full-attention layers, ``None``
+    for the ones the model windows itself."""
+    windowed = set(model.windowed_layers)
+    return [None if layer in windowed else row(layer) for layer in range(model.num_layers)]
 
 
 def uniform_plan(
@@ -276,7 +342,7 @@ def uniform_plan(
         min_window=min_window,
         granule=granule,
         exact_floor=exact_floor,
-        rules=[[rule] * model.num_kv_heads for _ in range(model.num_layers)],
+        rules=full_layer_rows(model, lambda layer: [rule] * model.num_kv_heads),
         provenance=Provenance(method="uniform", created=now_iso(), details=details),
     )
 

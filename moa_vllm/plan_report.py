@@ -1,5 +1,7 @@
 """The one density report of a plan: what its heads read (average density) and what
-vLLM's block pool will hold (allocated density), at several lengths.
+vLLM's block pool will hold (allocated density), at several lengths. On a hybrid
+model both count MoA's (full-attention) layers; the model density counts the whole
+cache against the model's own (its windowed layers windowed by vLLM).
 
 Used by ``plan show``, ``GET /v1/moa/plan``, ``serve``'s banner, the plan search's
 provenance and the eval. Pydantic only: no server needed to print it.
@@ -18,6 +20,7 @@ from moa_vllm.span_classes import (
     assign_head_classes,
     average_density,
     cdiv,
+    model_density,
 )
 
 REPORT_LENGTHS = (512, 1024, 1536, 2048, 4096, 8192, 16384, 32768)
@@ -28,6 +31,7 @@ class DensityAt(BaseModel):
     length: int
     average_density: float
     allocated_density: float
+    model_density: float  # the whole cache (windowed layers too) against the model's own
 
 
 class HeadClassReport(BaseModel):
@@ -66,7 +70,8 @@ def density_table(plan: Plan, lengths: list[int], block_size: int,
                   classes: tuple[HeadClass, ...] | None = None) -> list[DensityAt]:
     classes = classes or assign_head_classes(plan)
     return [DensityAt(length=n, average_density=average_density(plan, n),
-                      allocated_density=allocated_density(plan, n, block_size, classes))
+                      allocated_density=allocated_density(plan, n, block_size, classes),
+                      model_density=model_density(plan, n, block_size, classes))
             for n in lengths]
 
 
@@ -97,7 +102,7 @@ def plan_report(plan: Plan, source: str, how: str, block_size: int,
 
 def rule_histogram(plan: Plan) -> list[dict]:
     """How many KV heads use each ``(alpha, beta)`` rule, most used first."""
-    counts = Counter(tuple(rule) for row in plan.rules for rule in row)
+    counts = Counter(tuple(rule) for _, row in plan.layer_rules() for rule in row)
     return [{"alpha": a, "beta": b, "kv_heads": n} for (a, b), n in counts.most_common()]
 
 
@@ -111,9 +116,16 @@ def banner(report: PlanReport) -> str:
         f"{len(report.head_classes)} head classes of {len(report.head_classes[0].slots)} "
         "(layer, KV head) slots)",
     ]
+    if report.model.windowed_layers:
+        lines.append(f"  MoA serves the {len(report.model.full_layers)} full-attention layers; "
+                     f"the model windows {len(report.model.windowed_layers)} layers itself "
+                     f"({report.model.sliding_window} tokens)")
     lines += [
         f"  at {d.length:>6} tokens: average density {d.average_density:.3f}, "
-        f"allocated density {d.allocated_density:.3f} (block size {report.block_size})"
+        f"allocated density {d.allocated_density:.3f}"
+        + (f", whole cache {d.model_density:.3f} of the model's own"
+           if report.model.windowed_layers else "")
+        + f" (block size {report.block_size})"
         for d in report.densities
     ]
     return "\n".join(lines)

@@ -122,7 +122,7 @@ def slot_rules(plan: Plan, tp_size: int = 1) -> dict[Slot, tuple[Rule, ...]]:
     slot on some rank (every rank must report the same spec for a slot)."""
     heads = plan.model.num_kv_heads
     out = {}
-    for layer, row in enumerate(plan.rules):
+    for layer, row in plan.layer_rules():
         for j in range(local_kv_heads(heads, tp_size)):
             rules = {(row[g][0], quantize_beta(row[g][1]))
                      for g in (rank_kv_heads(heads, tp_size, r)[j] for r in range(tp_size))}
@@ -219,7 +219,7 @@ def head_class_assignment(plan: Plan, tp_size: int = 1,
     plan searched for those layer classes never holds more under head classes.
     """
     if plan.head_classes is not None and tp_size == 1:
-        return [list(row) for row in plan.head_classes]
+        return [list(row or ()) for row in plan.head_classes]
     rules = slot_rules(plan, tp_size)
     slots = sorted(rules)
     max_classes = max_classes or plan.max_span_classes
@@ -234,10 +234,11 @@ def head_class_assignment(plan: Plan, tp_size: int = 1,
 
     order = sorted(range(len(slots)), key=widest)
     candidates = [_improve(obj, [order[c * size:(c + 1) * size] for c in range(k)], None)]
-    layers = plan.model.num_layers
+    full_layers = plan.model.full_layers
+    layers = len(full_layers)
     k_layer = math.gcd(k, layers)
     if k_layer > 1:  # layer classes, each cut into k / k_layer head classes
-        layer_order = sorted(range(layers), key=lambda l: max(
+        layer_order = sorted(full_layers, key=lambda l: max(
             widest(i) for i in range(len(slots)) if slots[i][0] == l))
         refined = []
         for c in range(k_layer):
@@ -249,7 +250,9 @@ def head_class_assignment(plan: Plan, tp_size: int = 1,
             candidates.pop(0)  # it holds more than the layer classes somewhere
     best = min(candidates, key=obj.cost)
     local = local_kv_heads(plan.model.num_kv_heads, tp_size)
-    assignment = [[0] * local for _ in range(layers)]
+    windowed = set(plan.model.windowed_layers)  # no slots: rows stay empty
+    assignment = [[] if layer in windowed else [0] * local
+                  for layer in range(plan.model.num_layers)]
     for c, members in enumerate(sorted(best, key=lambda m: min(slots[i] for i in m))):
         for i in members:
             layer, j = slots[i]
@@ -263,7 +266,8 @@ def single_rule_classes(rules: list[list[tuple[int, float]]], num_classes: int,
     makes): the slots of each rule cut into classes of ``slots / num_classes``,
     numbered by window at ``max_position``. Each rule's slot count must be a
     multiple of the class size."""
-    slots = [(layer, h) for layer, row in enumerate(rules) for h in range(len(row))]
+    slots = [(layer, h) for layer, row in enumerate(rules) if row is not None
+             for h in range(len(row))]
     size, rest = divmod(len(slots), num_classes)
     by_rule: dict[Rule, list[Slot]] = {}
     for layer, h in slots:
@@ -273,7 +277,7 @@ def single_rule_classes(rules: list[list[tuple[int, float]]], num_classes: int,
     if rest or bad:
         raise ValueError(f"{num_classes} single-rule classes need each rule on a multiple of "
                          f"{size} slots of {len(slots)}; got rule counts {bad}")
-    assignment = [[0] * len(row) for row in rules]
+    assignment = [None if row is None else [0] * len(row) for row in rules]
     order = sorted(by_rule, key=lambda r: (window_size(*r, max_position, min_window), r))
     c = 0
     for rule in order:
@@ -317,11 +321,12 @@ def head_density(alpha: int, beta: float, length: int, sink_tokens: int, min_win
 
 
 def average_density(plan: Plan, length: int) -> float:
-    """Mean ``head_density`` over every KV head of the plan."""
+    """Mean ``head_density`` over every KV head MoA serves (full-attention layers)."""
+    rows = [row for _, row in plan.layer_rules()]
     total = sum(head_density(alpha, beta, length, plan.sink_tokens, plan.min_window,
                              plan.elastic, plan.granule, plan.exact_floor)
-                for row in plan.rules for alpha, beta in row)
-    return total / (plan.model.num_layers * plan.model.num_kv_heads)
+                for row in rows for alpha, beta in row)
+    return total / (len(rows) * plan.model.num_kv_heads)
 
 
 def allocated_density(plan: Plan, length: int, block_size: int,
@@ -332,3 +337,28 @@ def allocated_density(plan: Plan, length: int, block_size: int,
     dense = cdiv(length, block_size)
     held = sum(c.held_blocks(length, length, block_size) * len(c.slots) for c in classes)
     return held / (sum(len(c.slots) for c in classes) * dense)
+
+
+def windowed_held_blocks(window: int, length: int, block_size: int) -> int:
+    """Blocks vLLM's sliding-window manager holds for a ``length``-token request
+    at steady decode: the blocks of the last ``window - 1`` tokens and the next one."""
+    if length <= window:
+        return cdiv(length, block_size)
+    first = (length - window + 1) // block_size
+    return cdiv(length, block_size) - first
+
+
+def model_density(plan: Plan, length: int, block_size: int,
+                  classes: tuple[HeadClass, ...] | None = None) -> float:
+    """Fraction of the model's own cache (its windowed layers windowed by vLLM,
+    the others dense) that the whole cache under MoA holds at ``length``: the
+    same as ``allocated_density`` for a model without windowed layers."""
+    fp = plan.model
+    full = allocated_density(plan, length, block_size, classes) * len(fp.full_layers)
+    if not fp.windowed_layers:
+        return full / len(fp.full_layers)
+    dense = cdiv(length, block_size)
+    windowed = (windowed_held_blocks(fp.sliding_window, length, block_size) / dense
+                * len(fp.windowed_layers))
+    model = windowed + len(fp.full_layers)
+    return (windowed + full) / model

@@ -98,6 +98,13 @@ class LayerSpans:
     granule: int = 1
     exact_floor: int = 0
 
+    @classmethod
+    def model_window(cls, window: int, num_kv_heads: int) -> LayerSpans:
+        """A layer the model windows itself (vLLM's sliding window and HF's): each
+        query reads its last ``window`` keys, itself included, and no sinks."""
+        alpha = torch.full((num_kv_heads,), window, dtype=torch.int32)
+        return cls(alpha, torch.zeros_like(alpha), 0, 1, "position")
+
     def to(self, device: torch.device | str) -> LayerSpans:
         return LayerSpans(
             self.alpha.to(device),

@@ -32,6 +32,13 @@ def smollm2_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    from moa_vllm.models import build_gemma3
+
+    return build_gemma3(MODELS / "gemma3")
+
+
+@pytest.fixture(scope="session")
 def tiny_dir(smollm2_dir) -> Path:
     from moa_vllm.models import build_tiny_model
 

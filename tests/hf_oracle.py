@@ -15,7 +15,7 @@ _STATE: dict = {}
 
 def _oracle_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     plan: Plan = _STATE["plan"]
-    spans = plan.layer_spans(module.layer_idx)
+    spans = plan.mask_spans(module.layer_idx)  # hybrid models: their own window too
     q = query[0].transpose(0, 1)  # [T, H, D]
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)

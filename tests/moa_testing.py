@@ -25,15 +25,13 @@ def heterogeneous_plan(model_dir, elastic: str, seed: int = 0, sink_tokens: int 
                        granule: int = 1):
     """Different rules per KV head (some elastic), small enough that spans cut
     prompts of a few hundred tokens."""
-    from moa_vllm.plan import PLAN_VERSION, Plan, Provenance, now_iso
+    from moa_vllm.plan import PLAN_VERSION, Plan, Provenance, full_layer_rows, now_iso
 
     fp = model_fingerprint(model_dir)
     rng = random.Random(seed)
-    rules = [
-        [(rng.choice([8, 24, 40, 72]), rng.choice([0.0, 0.0, 0.125, 0.25]))
-         for _ in range(fp.num_kv_heads)]
-        for _ in range(fp.num_layers)
-    ]
+    rules = full_layer_rows(fp, lambda layer: [
+        (rng.choice([8, 24, 40, 72]), rng.choice([0.0, 0.0, 0.125, 0.25]))
+        for _ in range(fp.num_kv_heads)])
     return Plan(
         version=PLAN_VERSION, model=fp, sink_tokens=sink_tokens, elastic=elastic,
         min_window=8, granule=granule, rules=rules,
@@ -78,16 +76,17 @@ def scheduler(llm):
     return llm_scheduler(llm)
 
 
-def held_blocks(llm, request_id: str) -> dict[int, int]:
-    """Blocks a request holds right now per head class (vLLM's own block lists)."""
+def held_blocks(llm, request_id: str) -> dict[int | str, int]:
+    """Blocks a request holds right now per head class (vLLM's own block lists);
+    the groups of a hybrid model's windowed layers are ``"group <i>"``."""
     from moa_vllm.engine.vllm_surface import is_null_block, request_blocks
 
     kvm = scheduler(llm).kv_cache_manager
     return {
-        m.kv_cache_spec.head_class: sum(
+        getattr(m.kv_cache_spec, "head_class", f"group {g}"): sum(
             1 for b in request_blocks(m, request_id) if not is_null_block(m, b)
         )
-        for m in kvm.coordinator.single_type_managers
+        for g, m in enumerate(kvm.coordinator.single_type_managers)
     }
 
 

@@ -110,3 +110,57 @@ def test_growing_uniform_plan_has_its_density_at_every_length(elastic):
     for n in (256, 512, 1024):
         assert average_density(plan, n) == pytest.approx(0.25, abs=1 / n)
     assert average_density(fixed, 1024) < 0.1 and average_density(fixed, 256) == pytest.approx(0.25, abs=1 / 256)
+
+
+# -- hybrid models: the model windows some layers itself -----------------------------
+
+HYBRID = ModelFingerprint(
+    architecture="Gemma3ForCausalLM", num_layers=4, num_attention_heads=4, num_kv_heads=1,
+    head_dim=32, max_position_embeddings=4096, windowed_layers=[0, 1, 3], sliding_window=512,
+)
+
+
+def test_hybrid_plans_have_rules_for_the_full_layers_only(tmp_path):
+    plan = uniform_plan(HYBRID, 0.5, length=2048, sink_tokens=16)
+    assert [row is None for row in plan.rules] == [True, True, False, True]
+    assert [layer for layer, _ in plan.layer_rules()] == [2]
+    plan.save(tmp_path / "p.json")
+    assert load_plan(tmp_path / "p.json") == plan
+    assert '"rules": [\n  null,\n  null,\n  [[' in (tmp_path / "p.json").read_text()
+    with pytest.raises(ValueError, match="layer 0 is windowed by the model"):
+        plan.layer_spans(0)
+    window = plan.mask_spans(0)  # the model's own window in the references
+    assert window.alpha.tolist() == [512] and window.sink_tokens == 0
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: d["rules"].__setitem__(2, None),  # a full layer without rules
+    lambda d: d["rules"].__setitem__(0, [[64, 0.0]]),  # a windowed layer with rules
+    lambda d: d["model"].__setitem__("windowed_layers", [0, 1]),
+])
+def test_hybrid_rules_must_be_null_exactly_at_the_windowed_layers(mutate):
+    data = json.loads(uniform_plan(HYBRID, 0.5).model_dump_json())
+    mutate(data)
+    with pytest.raises(PlanError, match=r"rules must be \[num_layers=4\]\[num_kv_heads=1\] "
+                       r"with null rows exactly at the model's windowed layers"):
+        plan_from_dict(data, "p.json")
+
+
+@pytest.mark.parametrize("fields, where", [
+    ({"windowed_layers": [1, 0], "sliding_window": 8}, "windowed_layers must be distinct"),
+    ({"windowed_layers": [4], "sliding_window": 8}, "below 4"),
+    ({"windowed_layers": [1]}, "windowed_layers and sliding_window go together"),
+])
+def test_bad_windowed_layers(fields, where):
+    data = {**FP.model_dump(), "num_layers": 4, **fields}
+    with pytest.raises(ValueError, match=where):
+        ModelFingerprint(**data)
+
+
+def test_a_plan_for_a_hybrid_model_does_not_fit_its_full_attention_twin():
+    from moa_vllm.plan import check_plan_fits
+
+    twin = ModelFingerprint(**{**HYBRID.model_dump(), "windowed_layers": [],
+                               "sliding_window": None})
+    with pytest.raises(PlanError, match="3 of them windowed to 512 tokens by the model"):
+        check_plan_fits(uniform_plan(HYBRID, 0.5), twin, "p.json")

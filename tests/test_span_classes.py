@@ -191,3 +191,49 @@ def test_peak_blocks_cover_every_prefill_step(elastic, floor):
     assert max(held) <= head_class.peak_blocks(prompt, chunk, bs) <= cdiv(prompt, bs)
     if floor and elastic == "position":
         assert max(held) >= floor // bs
+
+
+# -- hybrid models: slots on the full-attention layers only --------------------------
+
+def hybrid_plan(density=0.5) -> Plan:
+    fp = ModelFingerprint(
+        architecture="Gemma3ForCausalLM", num_layers=18, num_attention_heads=4, num_kv_heads=1,
+        head_dim=256, max_position_embeddings=32768, windowed_layers=[
+            i for i in range(18) if i % 6 != 5], sliding_window=512)
+    return uniform_plan(fp, density, grow=True, sink_tokens=64, granule=64)
+
+
+def test_hybrid_head_classes_cover_the_full_layers_only():
+    from moa_vllm.span_classes import head_class_assignment
+
+    plan = hybrid_plan()
+    assignment = head_class_assignment(plan)
+    assert [bool(row) for row in assignment] == [i % 6 == 5 for i in range(18)]
+    slots = sorted(s for c in assign_head_classes(plan) for s in c.slots)
+    assert slots == [(5, 0), (11, 0), (17, 0)]
+
+
+def test_windowed_layers_hold_their_window_as_vllm_frees_it():
+    from moa_vllm.span_classes import windowed_held_blocks
+
+    assert windowed_held_blocks(512, 300, 16) == cdiv(300, 16)  # inside the window
+    # vLLM's sliding-window manager frees blocks wholly before position t - W + 1
+    for length in (513, 1000, 4096, 4100):
+        first = (length - 512 + 1) // 16
+        assert windowed_held_blocks(512, length, 16) == cdiv(length, 16) - first
+        assert windowed_held_blocks(512, length, 16) <= 512 // 16 + 1
+
+
+def test_model_density_counts_both_kinds_of_layers_against_the_models_own_cache():
+    from moa_vllm.span_classes import model_density, windowed_held_blocks
+
+    plan = hybrid_plan()
+    for length in (4096, 16384, 32768):
+        full = allocated_density(plan, length, 64)
+        window = windowed_held_blocks(512, length, 64) / cdiv(length, 64)
+        expected = (15 * window + 3 * full) / (15 * window + 3)
+        assert model_density(plan, length, 64) == pytest.approx(expected)
+        assert full < model_density(plan, length, 64) < 1  # the windows are already small
+    plain = random_plan()
+    assert model_density(plain, 4096, 16) == pytest.approx(allocated_density(plain, 4096, 16))
+    assert average_density(plan, 16384) == pytest.approx(0.5, abs=0.01)  # the full layers'

@@ -134,10 +134,11 @@ def unsupported(vllm_config) -> list[str]:
     model_config = vllm_config.model_config
     text_config = model_config.hf_text_config
     problems = []
-    if (window := model_config.get_sliding_window()) is not None:
-        problems.append(f"the model's own sliding window ({window} tokens; "
-                        "--disable-sliding-window serves it with full attention, "
-                        "capped at that length)")
+    fingerprint = fingerprint_from_hf_config(model_config.hf_config)
+    if not fingerprint.full_layers:  # hybrid models: MoA serves the full layers
+        problems.append(f"the model's own sliding window on every layer "
+                        f"({fingerprint.sliding_window} tokens; --disable-sliding-window "
+                        "serves it with full attention, capped at that length)")
     if getattr(text_config, "attn_logit_softcapping", None):
         problems.append("logits soft-capping")
     if (cache_dtype := vllm_surface.kv_cache_dtype(vllm_config)) != "auto":

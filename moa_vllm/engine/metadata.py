@@ -27,6 +27,7 @@ from moa_vllm.engine.vllm_surface import (
     local_attention_heads,
     max_num_seqs,
     model_dtype,
+    pipeline_parallel_size,
     prompt_lengths,
     tensor_parallel_rank,
 )
@@ -113,11 +114,13 @@ class MoaAttentionMetadataBuilder(AttentionMetadataBuilder[MoaAttentionMetadata]
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         served = EnginePlan.from_config(vllm_config)
         head_class = served.head_classes[kv_cache_spec.head_class]
-        got = sorted(served.class_of(name).index for name in layer_names)
-        if got != [head_class.index] * len(head_class.slots):
+        got = {served.class_of(name).index for name in layer_names}
+        # a pipeline stage holds the class's slots on its own layers
+        whole = pipeline_parallel_size(vllm_config) == 1
+        if got != {head_class.index} or (whole and len(layer_names) != len(head_class.slots)):
             raise RuntimeError(
                 f"vLLM formed a KV-cache group of {len(layer_names)} slots of head classes "
-                f"{sorted(set(got))}; MoA needs each group to be exactly one head class "
+                f"{sorted(got)}; MoA needs each group to be exactly one head class "
                 f"({len(head_class.slots)} slots): vLLM's grouping changed")
         self.served = served
         self.head_class = head_class.index

@@ -11,7 +11,17 @@ Contracts we rely on (vLLM file, relative to the ``vllm`` package):
 - ``platforms/interface.py``: ``Platform.check_and_update_config`` runs in the
   front end on the finished ``VllmConfig``: our plan is resolved there.
 - ``platforms/cpu.py``: ``CpuPlatform.get_attn_backend_cls`` ignores the
-  selected backend; we answer ours when asked for it.
+  selected backend; we answer ours when asked for it. On every platform a layer
+  with its own sliding window (``v1/attention/selector.py``
+  ``AttentionSelectorConfig.has_sliding_window``; set per layer by
+  ``Attention.__init__`` from ``per_layer_sliding_window``) is answered as if no
+  backend were selected: hybrid models keep vLLM's backend, spec
+  (``SlidingWindowSpec``) and manager on their windowed layers. Their spec's
+  block size is the layer's own choice (``Attention.get_kv_cache_spec``); pages of
+  unequal sizes are unified by growing the smaller pages' block size
+  (``v1/core/kv_cache_utils.py`` ``unify_kv_cache_spec_page_size``), so a
+  windowed layer of several KV heads takes fewer tokens per block to keep MoA's
+  one-head slots at MoA's block size.
 - ``model_executor/layers/attention/attention.py``: ``Attention.__init__`` puts the
   layer in ``compilation_config.static_forward_context``, and KV-cache specs are
   collected from that dict (``v1/worker/gpu_model_runner.py``
@@ -24,7 +34,11 @@ Contracts we rely on (vLLM file, relative to the ``vllm`` package):
   CPU and CUDA).
 - ``v1/core/kv_cache_utils.py``: specs that do not merge form buckets, each split
   into groups of the smallest bucket's size, padded otherwise: our classes have
-  equal sizes, and the builder checks its group is exactly one class.
+  equal sizes, and the builder checks its group is exactly one class. Under
+  pipeline parallelism (``parallel_config.pipeline_parallel_size``) the groups are
+  the whole model's, projected onto each stage's layers
+  (``_project_kv_cache_groups_to_worker``): a stage's group is the class's slots
+  on that stage.
 - ``model_executor/models/utils.py``: ``extract_layer_index``.
 - ``v1/kv_cache_spec_registry.py``: ``KVCacheSpecRegistry.register`` (after
   ``_ensure_registered``, or the built-ins are skipped once it is non-empty).
@@ -70,7 +84,8 @@ Contracts we rely on (vLLM file, relative to the ``vllm`` package):
   The ``vec``/``vec16`` in-block layout is ``paged_kv.KVLayout.CPU_ATTN`` (a test
   writes with vLLM's writer and reads it back through ours).
 - ``v1/engine/llm_engine.py``: an offline ``LLM``'s in-process scheduler and its
-  engine core's shutdown (tests and benchmarks); the scheduler's ``running`` list
+  engine core's shutdown (tests and benchmarks); ``cache_config.kv_cache_max_concurrency``
+  (the logged maximum concurrency); the scheduler's ``running`` list
   and ``_preempt_request`` (tests force preemption).
 - ``entrypoints/openai``: ``engine_client.vllm_config`` in an endpoint plugin;
   ``plugins/__init__.py`` ``load_endpoint_plugins`` (looked up by
@@ -80,6 +95,7 @@ Contracts we rely on (vLLM file, relative to the ``vllm`` package):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -99,7 +115,11 @@ from vllm.v1.attention.backend import (  # noqa: F401  (re-exported)
 )
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager  # noqa: F401
-from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec  # noqa: F401
+from vllm.v1.kv_cache_interface import (  # noqa: F401
+    AttentionSpec,
+    FullAttentionSpec,
+    SlidingWindowSpec,
+)
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 logger = init_logger("vllm.moa")  # under vLLM's logging configuration
@@ -126,8 +146,10 @@ def moa_requested(vllm_config: VllmConfig) -> bool:
 
 
 def install_platform_hooks(configure: Callable[[VllmConfig], None]) -> None:
-    """Idempotent: ``configure`` runs after the platform's own config hook; on CPU,
-    asking for ``moa`` selects our backend."""
+    """Idempotent: ``configure`` runs after the platform's own config hook. Asking
+    for ``moa`` selects our backend for full-attention layers (the CPU platform
+    ignores a selected backend: we answer ours); a layer the model windows itself
+    gets the backend the platform picks when none is selected (hybrid models)."""
     from vllm.platforms import current_platform
 
     platform_cls = type(current_platform)
@@ -140,16 +162,17 @@ def install_platform_hooks(configure: Callable[[VllmConfig], None]) -> None:
         configure(vllm_config)
 
     platform_cls.check_and_update_config = classmethod(check_and_update_config)
+    original_select = platform_cls.get_attn_backend_cls
 
-    if current_platform.is_cpu():
-        original_select = platform_cls.get_attn_backend_cls
-
-        def get_attn_backend_cls(cls, selected_backend, *args, **kwargs):
-            if selected_backend is not None and selected_backend.name == BACKEND_NAME:
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, *args, **kwargs):
+        if selected_backend is not None and selected_backend.name == BACKEND_NAME:
+            if attn_selector_config.has_sliding_window:
+                return original_select(None, attn_selector_config, *args, **kwargs)
+            if current_platform.is_cpu():
                 return BACKEND_PATH
-            return original_select(selected_backend, *args, **kwargs)
+        return original_select(selected_backend, attn_selector_config, *args, **kwargs)
 
-        platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+    platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
     platform_cls._moa_hooked = True
 
 
@@ -210,11 +233,30 @@ def install_kv_slot_hooks(
         spec = original_spec(self, vllm_config)
         if type(spec) is FullAttentionSpec and self.attn_backend.get_name() == BACKEND_NAME:
             return spec_for_slot(spec, self.layer_name, vllm_config)
+        if isinstance(spec, SlidingWindowSpec) and moa_requested(vllm_config):
+            return _slot_sized_window_spec(spec, self.attn_backend, vllm_config)
         return spec
 
     Attention.__init__ = __init__
     Attention.get_kv_cache_spec = get_kv_cache_spec
     Attention._moa_hooked = True
+
+
+def _slot_sized_window_spec(spec: SlidingWindowSpec, backend,
+                            vllm_config: VllmConfig) -> SlidingWindowSpec:
+    """A windowed layer's page the size of one MoA slot's (one KV head at MoA's
+    block size): vLLM unifies unequal pages by growing the smaller pages' block
+    size, which would change MoA's blocks. The windowed layer takes fewer tokens
+    per block instead, where its backend runs that block size."""
+    block_size = kv_block_size(vllm_config)
+    slot_page = spec.page_size_bytes // (spec.num_kv_heads * spec.block_size) * block_size
+    if spec.page_size_bytes == slot_page or block_size % spec.num_kv_heads:
+        return spec
+    target = block_size // spec.num_kv_heads
+    sizes = backend.get_supported_kernel_block_sizes(spec)
+    if not any(target == s if isinstance(s, int) else target % s.base == 0 for s in sizes):
+        return spec
+    return dataclasses.replace(spec, block_size=target)
 
 
 def bound_kv_cache(vllm_config: VllmConfig, name: str) -> torch.Tensor:
@@ -338,6 +380,10 @@ def tensor_parallel_rank() -> int:
 
 def tensor_parallel_size(vllm_config: VllmConfig) -> int:
     return vllm_config.parallel_config.tensor_parallel_size
+
+
+def pipeline_parallel_size(vllm_config: VllmConfig) -> int:
+    return vllm_config.parallel_config.pipeline_parallel_size
 
 
 def max_in_flight_tokens(vllm_config: VllmConfig) -> int:
@@ -546,6 +592,13 @@ def preempt_newest(scheduler) -> str:
     request = scheduler.running.pop()
     scheduler._preempt_request(request, time.monotonic())
     return request.request_id
+
+
+def llm_max_concurrency(llm) -> float:
+    """The "maximum concurrency for max_model_len tokens per request" an offline
+    ``LLM``'s engine logged at start-up (``v1/core/kv_cache_utils.py``
+    ``update_kv_cache_capacity`` stores it in ``cache_config``)."""
+    return llm_scheduler(llm).vllm_config.cache_config.kv_cache_max_concurrency
 
 
 def llm_block_size(llm) -> int:

@@ -33,6 +33,7 @@ EVAL_DTYPE = "float32"  # every engine's dtype, and the dense cache KV@n is meas
 class Method:
     name: str
     plan: Plan | None  # None: vLLM's own dense backend
+    kv_cache_dtype: str = "auto"  # KV held is reported against the dense EVAL_DTYPE cache
 
 
 @dataclass
@@ -51,8 +52,10 @@ class MethodResult:
 
 def methods_from_args(model_dir, plans: list[str], uniform: list[float],
                       uniform_length: int | None = None,
-                      uniform_elastic: list[str] | None = None) -> list[Method]:
-    """dense, the uniform baselines, then the MoA plans (``NAME=PATH``).
+                      uniform_elastic: list[str] | None = None,
+                      kv_cache_dtypes: tuple[str, ...] = ("auto",)) -> list[Method]:
+    """dense, the uniform baselines, then the MoA plans (``NAME=PATH``), each with
+    every KV cache dtype of ``kv_cache_dtypes`` (names suffixed ``@fp8`` etc.).
 
     Uniform baselines have the MoA plans' density at every length (the window
     grows with the input) in each elastic mode of the plans (default ``prompt``:
@@ -78,7 +81,8 @@ def methods_from_args(model_dir, plans: list[str], uniform: list[float],
         methods += [Method(f"uniform-{d}-{mode}",
                            uniform_plan(fp, d, elastic=mode, grow=True, granule=granule))
                     for mode in modes]
-    return methods + moa
+    return [m if dtype == "auto" else Method(f"{m.name}@{dtype}", m.plan, dtype)
+            for m in methods + moa for dtype in kv_cache_dtypes]
 
 
 def start_engine(model_dir, method: Method, workdir: Path, max_model_len: int):
@@ -88,7 +92,7 @@ def start_engine(model_dir, method: Method, workdir: Path, max_model_len: int):
     options = dict(model=str(model_dir), dtype=EVAL_DTYPE, enforce_eager=True,
                    max_model_len=max_model_len, max_num_seqs=4, seed=0,
                    kv_cache_memory_bytes=int(envs.get(envs.MOA_EVAL_KV_BYTES)),
-                   max_logprobs=TOP_K)
+                   max_logprobs=TOP_K, kv_cache_dtype=method.kv_cache_dtype)
     if method.plan is None:
         return LLM(**options)  # vLLM's default block size, as MoA's engines below
     path = workdir / f"plan-{method.name}.json"
@@ -97,13 +101,14 @@ def start_engine(model_dir, method: Method, workdir: Path, max_model_len: int):
                **options)
 
 
-def kv_bytes_per_token(model_dir, dtype: str) -> int:
+def kv_bytes_per_token(model_dir, dtype: str, kv_cache_dtype: str = "auto") -> int:
     """A dense cache's bytes per token (every layer and KV head, K and V)."""
     from transformers import AutoConfig
 
     c = AutoConfig.from_pretrained(model_dir)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    size = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    size = 1 if kv_cache_dtype.startswith("fp8") else {
+        "float32": 4, "bfloat16": 2, "float16": 2}[dtype]
     return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * size
 
 

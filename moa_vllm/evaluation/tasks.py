@@ -93,30 +93,39 @@ def _fit(tokenizer, before: str, needle: str, question: str, length: int, depth:
     return f"{before}{head} {needle} {tail}"
 
 
-def chat(tokenizer, text: str) -> str:
+def chat(tokenizer, text: str, lead: str = "Answer:") -> str:
+    """The prompt a model answers: a chat turn, or for a base model (no chat
+    template) the text followed by ``lead``, which the answer completes."""
+    if not getattr(tokenizer, "chat_template", None):
+        return f"{text}\n{lead}"
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
     )
 
 
-PASSKEY_WORDINGS = [  # (intro, needle, question); {key} is the answer
+# (intro, needle, question, completion lead for base models); {key} is the answer
+PASSKEY_WORDINGS = [
     ("There is a pass key hidden in this text. Find it.\n",
      "The pass key is {key}. Remember it. {key} is the pass key.",
-     "\nWhat is the pass key? Answer with the number only."),
+     "\nWhat is the pass key? Answer with the number only.", "The pass key is"),
     ("Read the text below carefully.\n",
      "Note for later: the access code is {key}.",
-     "\nWhich access code was mentioned in the text? Reply with just the code."),
+     "\nWhich access code was mentioned in the text? Reply with just the code.",
+     "The access code is"),
     ("",
      "(The secret number you must remember is {key}.)",
-     "\nWhat was the secret number? Give only the number."),
+     "\nWhat was the secret number? Give only the number.", "The secret number is"),
 ]
 NEEDLE_WORDINGS = [
     ("", "The secret colour of the lighthouse is {key}.",
-     "\nWhat is the secret colour of the lighthouse? Answer with one word."),
+     "\nWhat is the secret colour of the lighthouse? Answer with one word.",
+     "The secret colour of the lighthouse is"),
     ("A document follows.\n", "By the way, the painter's favourite colour was {key}.",
-     "\nAccording to the document, what was the painter's favourite colour? One word."),
+     "\nAccording to the document, what was the painter's favourite colour? One word.",
+     "The painter's favourite colour was"),
     ("", "Remember this: the flag on the tower was {key}.",
-     "\nWhat colour was the flag on the tower? Answer in one word."),
+     "\nWhat colour was the flag on the tower? Answer in one word.",
+     "The flag on the tower was"),
 ]
 COLOURS = ["crimson", "turquoise", "saffron", "indigo", "emerald", "ochre"]
 
@@ -125,10 +134,10 @@ def _hidden(task: str, wordings, key: str, tokenizer, length: int, depth: float,
             rng: random.Random, variant: int) -> Sample:
     """A ``key`` hidden at ``depth`` in the filler and wording of ``variant``."""
     kind = FILLERS[variant % len(FILLERS)]
-    intro, needle_text, question = wordings[(variant // len(FILLERS)) % len(wordings)]
+    intro, needle_text, question, lead = wordings[(variant // len(FILLERS)) % len(wordings)]
     body = _fit(tokenizer, intro, needle_text.format(key=key), question, length, depth,
                 filler_text(kind, length, rng))
-    return Sample(task, length, depth, chat(tokenizer, body + question), key, kind)
+    return Sample(task, length, depth, chat(tokenizer, body + question, lead), key, kind)
 
 
 def passkey(tokenizer, length: int, depth: float, rng: random.Random, variant: int = 0) -> Sample:
@@ -152,8 +161,9 @@ def lines(tokenizer, length: int, depth: float, rng: random.Random, variant: int
     question = (f"\nWhat is the REGISTER_CONTENT in line {names[target]}? "
                 "Answer with the number only.")
     prompt = "Below is a record of lines I want you to remember.\n" + text + question
-    return Sample("lines", length, depth, chat(tokenizer, prompt), str(values[target]),
-                  "lines")
+    return Sample("lines", length, depth,
+                  chat(tokenizer, prompt, f"The REGISTER_CONTENT in line {names[target]} is"),
+                  str(values[target]), "lines")
 
 
 TASKS = {"passkey": passkey, "lines": lines, "needle": needle}

@@ -29,6 +29,7 @@ from moa_vllm.plan import (
     Plan,
     Provenance,
     fingerprint_from_hf_config,
+    full_layer_rows,
     now_iso,
     uniform_plan,
 )
@@ -257,13 +258,16 @@ class _Run:
 
     @property
     def num_classes(self) -> int:
-        return num_span_classes(self.fp.num_layers * self.fp.num_kv_heads,
+        return num_span_classes(len(self.fp.full_layers) * self.fp.num_kv_heads,
                                 self.cfg.max_span_classes)
 
     def make_plan(self, rules, choice, details: dict | None = None) -> Plan:
-        """A plan of one rule per head, its head classes of one rule each."""
+        """A plan of one rule per head, its head classes of one rule each. ``choice``
+        has a row per full-attention layer (the only ones searched)."""
         cfg = self.cfg
-        table = [[rules[int(r)].as_tuple() for r in row] for row in choice]
+        rows = dict(zip(self.fp.full_layers, choice))
+        table = full_layer_rows(self.fp, lambda layer: [rules[int(r)].as_tuple()
+                                                        for r in rows[layer]])
         return Plan(
             version=PLAN_VERSION, model=self.fp, sink_tokens=cfg.sink_tokens,
             elastic=cfg.elastic, min_window=cfg.min_window, granule=cfg.granule,
@@ -345,7 +349,7 @@ def _problem(run: _Run, profiles: dict, profile_info: dict):
                         int(round(profile_info[n]["mean_prompt_len"])), cfg.granule,
                         cfg.exact_floor)
             for n in sorted(profiles)
-        ])
+        ])[:, fp.full_layers]  # the model's windowed layers keep their window
         dens, held, dense = cost_tables(rules, lengths, cfg.sink_tokens, cfg.min_window,
                                         cfg.elastic, cfg.block_size, cfg.granule,
                                         cfg.exact_floor)

@@ -10,8 +10,11 @@ from moa_vllm.span_classes import head_density
 
 def span_matrix(plan: Plan, length: int) -> np.ndarray:
     """``[layers, kv_heads]``: fraction of a ``length``-token cache each head reads
-    (the terms of ``span_classes.average_density``)."""
-    return np.array([[head_density(alpha, beta, length, plan.sink_tokens, plan.min_window,
+    (the terms of ``span_classes.average_density``); NaN for the model's windowed
+    layers."""
+    heads = plan.model.num_kv_heads
+    return np.array([[np.nan] * heads if row is None else
+                     [head_density(alpha, beta, length, plan.sink_tokens, plan.min_window,
                                    plan.elastic, plan.granule)
                       for alpha, beta in row] for row in plan.rules])
 
@@ -29,7 +32,7 @@ def plan_heatmap(plan: Plan, length: int, path) -> None:
     ax.set_xlabel("KV head")
     ax.set_ylabel("layer")
     ax.set_xticks(range(m.shape[1]))
-    ax.set_title(f"span / length at {length} (mean {m.mean():.2f})", fontsize=9)
+    ax.set_title(f"span / length at {length} (mean {np.nanmean(m):.2f})", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.08)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -47,12 +47,15 @@ def _planner_attention(module, query, key, value, attention_mask, scaling=None, 
     k = key.repeat_interleave(group, dim=1) if group > 1 else key
     v = value.repeat_interleave(group, dim=1) if group > 1 else value
     tq, tk = query.shape[2], k.shape[2]
-    if tq == tk:
+    window = getattr(module, "sliding_window", None)  # a layer the model windows itself
+    if tq == tk and window is None:
         out = F.scaled_dot_product_attention(query, k, v, is_causal=True, scale=scaling)
-    else:  # cached generation: the queries are the last tq positions
+    else:  # cached generation (the queries are the last tq positions) or a window
         keep = torch.ones(tq, tk, dtype=torch.bool, device=query.device).tril(tk - tq)
+        if window is not None:
+            keep = keep.triu(tk - tq - window + 1)
         out = F.scaled_dot_product_attention(query, k, v, attn_mask=keep, scale=scaling)
-    if mode == "profile":
+    if mode == "profile" and window is None:  # MoA searches the full-attention layers
         layer = module.layer_idx
         _STATE["qkv"][layer] = (
             query.detach()[0],
@@ -71,8 +74,7 @@ def _masked_attention(module, query, key, value, scaling, chunk: int = 512):
     are the last positions (cached generation)."""
     from moa_vllm.span_mask import elastic_lengths
 
-    plan = _STATE["plan"]
-    spans = plan.layer_spans(module.layer_idx)
+    spans = _STATE["plan"].mask_spans(module.layer_idx)
     q = query[0]
     k, v = key[0], value[0]
     hkv, t_len, t_q = k.shape[0], k.shape[1], q.shape[1]
@@ -186,7 +188,7 @@ def profile_sample(model, ids: list[int], prompt_len: int, block: int, length: i
         num_layers = cfg.num_hidden_layers
         hkv = cfg.num_key_value_heads
         imp = np.zeros((num_layers, hkv, nb, nb), dtype=np.float64)
-        for layer in range(num_layers):
+        for layer in sorted(_STATE["qkv"]):  # windowed layers stay zero: not searched
             q, k, v, scale = _STATE["qkv"].pop(layer)
             d_o = _STATE["dO"].pop(layer)
             eff = block_effects(q, k, v, d_o, scale, block)

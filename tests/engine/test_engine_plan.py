@@ -15,7 +15,8 @@ from moa_vllm.plan import PlanError
      r"does not support kv_cache_dtype=fp8 on this CPU \(FP8 KV cache requires head_size "
      r"divisible by 32"),
     ({"hf_overrides": {"sliding_window": 64}},
-     r"does not support the model's own sliding window \(64 tokens; --disable-sliding-window"),
+     r"does not support the model's own sliding window on every layer \(64 tokens; "
+     r"--disable-sliding-window"),
     ({"hf_overrides": {"attn_logit_softcapping": 50.0}}, r"does not support logits soft-capping"),
 ])
 def test_unsupported_options_fail_before_the_engine(tiny_dir, tmp_path, options, message):

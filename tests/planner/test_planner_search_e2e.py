@@ -23,12 +23,12 @@ def search_args(model_dir, tmp_path):
     ])
 
 
-def generate_with(model_dir, plan, tmp_path) -> int:
+def generate_with(model_dir, plan, tmp_path, **options) -> int:
     from vllm import SamplingParams
 
     from moa_testing import start_llm, stop_llm
 
-    llm = start_llm(model_dir, plan, tmp_path)
+    llm = start_llm(model_dir, plan, tmp_path, **options)
     try:
         res = llm.generate(["The quick brown fox " * 40], SamplingParams(max_tokens=4, temperature=0))
         return len(res[0].outputs[0].token_ids)
@@ -86,6 +86,25 @@ def test_plan_search_on_qwen3(tiny_model_of, tmp_path):
     assert plan.model.architecture == "Qwen3ForCausalLM"
     assert plan.provenance.details["validation"]["excess_vs_uniform"] is not None
     assert generate_with(model_dir, plan, tmp_path) == 4
+
+
+def test_plan_search_on_a_hybrid_model(tiny_model_of, tmp_path):
+    """A model that windows some layers itself (tiny Gemma 3): only the full layers
+    get rules; profiling and validation run the windowed layers with their window;
+    the plan serves."""
+    model_dir = tiny_model_of("gemma3")
+    args = search_args(model_dir, tmp_path)
+    args.func(args)
+    plan = load_plan(tmp_path / "tiny-moa.json")
+    assert plan.model.windowed_layers == [0, 2]
+    assert [row is None for row in plan.rules] == [True, False, True, False]
+    assert [row is None for row in plan.head_classes] == [True, False, True, False]
+    assert sorted(s for c in assign_head_classes(plan) for s in c.slots) == [
+        (1, 0), (1, 1), (3, 0), (3, 1)]
+    assert average_density(plan, 512) < 1.0
+    assert plan.provenance.details["validation"]["excess_vs_uniform"] is not None
+    # vLLM's CPU op runs the windowed layers' blocks of 32 tokens (two KV heads)
+    assert generate_with(model_dir, plan, tmp_path, block_size=64) == 4
 
 
 def test_default_lengths_span_windowed_prompts_to_the_context():

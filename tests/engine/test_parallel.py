@@ -1,7 +1,10 @@
-"""Tensor parallelism: each rank attends with the rules of its own KV heads
-(``span_classes.rank_kv_heads``), in head classes on (layer, local KV slot). A real TP=2 engine on CPU (two workers, one
-core each) must equal TP=1 under a plan whose two KV heads differ, while the plan
-with the heads' rules swapped gives other results (so a wrong slice would show)."""
+"""Parallel engines. Tensor parallelism: each rank attends with the rules of its
+own KV heads (``span_classes.rank_kv_heads``), in head classes on (layer, local KV
+slot). Pipeline parallelism: each stage holds its own layers' slots of every head
+class (vLLM projects the model's KV-cache groups onto each stage). Real TP=2 and
+PP=2 engines on CPU (two workers, one core each) must equal one worker under a
+plan whose two KV heads differ, while the plan with the heads' rules swapped
+gives other results (so a wrong slice would show)."""
 
 from __future__ import annotations
 
@@ -21,10 +24,10 @@ def head_plan(tiny_dir, narrow_head: int) -> Plan:
                 provenance=Provenance(method="test-tp", created=now_iso()))
 
 
-def run(tiny_dir, plan, tmp_path, tp: int) -> tuple[list[int], list[float]]:
+def run(tiny_dir, plan, tmp_path, **parallel) -> tuple[list[int], list[float]]:
     from vllm import SamplingParams
 
-    extra = {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"} if tp == 2 else {}
+    extra = {**parallel, "distributed_executor_backend": "mp"} if parallel else {}
     llm = start_llm(tiny_dir, plan, tmp_path, **extra)
     try:
         out = llm.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0, logprobs=0))[0].outputs[0]
@@ -38,9 +41,13 @@ def results(tiny_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per CPU worker
-        tp2 = run(tiny_dir, head_plan(tiny_dir, 0), tmp, tp=2)
-    return {"tp2": tp2, "tp1": run(tiny_dir, head_plan(tiny_dir, 0), tmp, tp=1),
-            "swapped": run(tiny_dir, head_plan(tiny_dir, 1), tmp, tp=1)}
+        tp2 = run(tiny_dir, head_plan(tiny_dir, 0), tmp, tensor_parallel_size=2)
+        # vllm-cpu allocates a later stage's input buffers in its compile warm-up
+        # only (v1/worker/cpu_model_runner.py warming_up_model): PP runs compiled
+        pp2 = run(tiny_dir, head_plan(tiny_dir, 0), tmp, pipeline_parallel_size=2,
+                  enforce_eager=False)
+    return {"tp2": tp2, "pp2": pp2, "tp1": run(tiny_dir, head_plan(tiny_dir, 0), tmp),
+            "swapped": run(tiny_dir, head_plan(tiny_dir, 1), tmp)}
 
 
 def test_tp2_equals_tp1_and_the_heads_rules_matter(results):
@@ -50,3 +57,10 @@ def test_tp2_equals_tp1_and_the_heads_rules_matter(results):
     assert lp2 == pytest.approx(lp1, abs=1e-3)
     ids_s, lp_s = results["swapped"]
     assert ids_s != ids1 or max(abs(a - b) for a, b in zip(lp_s, lp1)) > 1e-2
+
+
+def test_pp2_equals_one_worker(results):
+    ids1, lp1 = results["tp1"]
+    ids2, lp2 = results["pp2"]
+    assert ids2 == ids1
+    assert lp2 == pytest.approx(lp1, abs=1e-3)
