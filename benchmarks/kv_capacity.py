@@ -75,9 +75,9 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--plan", required=True)
-    ap.add_argument("--lengths", default="2048,8192",
+    ap.add_argument("--lengths", default="2048,8000",
                     help="prompt lengths (each request also decodes 8 tokens)")
-    ap.add_argument("--max-model-len", type=int, default=8192 + 64)
+    ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--kv-cache-memory-bytes", type=int, default=512 << 20)
     ap.add_argument("--dtype", default="bfloat16", help="the model's dtype ('auto' cache)")
     ap.add_argument("--out", required=True, help="writes OUT.json and OUT.md")
