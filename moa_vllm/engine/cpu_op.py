@@ -118,6 +118,7 @@ class SpanRunBuilder:
     head_size: int
     dtype: torch.dtype
     isa: str
+    cache_dtype: str = "auto"  # the op's work split depends on it (fp8 caches)
 
     @staticmethod
     def supports(granule: int, block_size: int, kv: KVFormat) -> bool:
@@ -156,7 +157,8 @@ class SpanRunBuilder:
                                             self.block_size)
         query_start_loc = torch.cat([starts, ends[-1:]]).to(torch.int32)
         schedule = cpu_attn_schedule(len(starts), self.num_queries_per_kv, self.head_size,
-                                     lens[0], self.dtype, query_start_loc, self.isa)
+                                     lens[0], self.dtype, query_start_loc, self.isa,
+                                     cache_dtype=self.cache_dtype)
         return RuleRuns(query_start_loc, tables[0], lens[0], schedule)
 
 

@@ -158,7 +158,7 @@ class MoaAttentionMetadataBuilder(AttentionMetadataBuilder[MoaAttentionMetadata]
                                  plan.exact_floor)
         group = local_attention_heads(self.vllm_config) // self.num_kv_heads
         return SpanRunBuilder(rules_spans, rule_of, spec.block_size, group, spec.head_size,
-                              dtype, kv.isa)
+                              dtype, kv.isa, kv_cache_dtype(self.vllm_config))
 
     def _layer_heads(self) -> dict[str, LayerHeads]:
         """Each layer's KV heads: rows of the stacked tables and cache offsets (read

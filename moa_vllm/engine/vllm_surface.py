@@ -550,15 +550,18 @@ def cpu_attn_write(key, value, key_cache, value_cache, slot_mapping, isa: str,
 
 
 def cpu_attn_schedule(num_reqs: int, num_heads: int, head_size: int, seq_lens, dtype,
-                      query_start_loc, isa: str, num_kv_heads: int = 1) -> torch.Tensor:
-    """The op's work split for one batch of causal attention (MoA: one KV head a call)."""
+                      query_start_loc, isa: str, num_kv_heads: int = 1,
+                      cache_dtype: str = "auto") -> torch.Tensor:
+    """The op's work split for one batch of causal attention (MoA: one KV head a call);
+    it sizes the op's buffers by the cache dtype (fp8 caches need it said)."""
     from vllm import _custom_ops as ops
     from vllm import envs
 
     return ops.cpu_attn_get_scheduler_metadata(
         num_reqs=num_reqs, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_size,
         seq_lens=seq_lens, dtype=dtype, query_start_loc=query_start_loc, causal=True,
-        sliding_window_size=-1, isa=isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV)
+        sliding_window_size=-1, isa=isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+        kv_cache_dtype=cache_dtype)
 
 
 def cpu_attn_op(query, key_cache, value_cache, output, query_start_loc, seq_lens,

@@ -10,6 +10,7 @@ markdown table, and plots.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -42,7 +43,7 @@ class MethodResult:
     densities: dict[int, dict[str, float]] = field(default_factory=dict)
     accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> "len/depth"
     accuracy_by_filler: dict[str, dict[str, float]] = field(default_factory=dict)
-    kv_fraction: dict[int, float] = field(default_factory=dict)  # held / dense need, per length
+    kv_fraction: dict[int, float] = field(default_factory=dict)  # held / the model's own cache
     effective_length: dict[str, int] = field(default_factory=dict)
     perplexity: dict[int, float] = field(default_factory=dict)
     top1_agreement: dict[int, float] = field(default_factory=dict)
@@ -103,19 +104,37 @@ def start_engine(model_dir, method: Method, workdir: Path, max_model_len: int):
 
 def kv_bytes_per_token(model_dir, dtype: str, kv_cache_dtype: str = "auto") -> int:
     """A dense cache's bytes per token (every layer and KV head, K and V)."""
+    fp = _fingerprint(model_dir)
+    return fp.num_layers * _layer_bytes_per_token(fp, dtype, kv_cache_dtype)
+
+
+def model_kv_bytes(model_dir, dtype: str, length: int) -> int:
+    """The bytes the model's own cache holds for ``length`` tokens: every layer
+    dense, except the layers the model windows itself (hybrid models), which
+    hold their window."""
+    fp = _fingerprint(model_dir)
+    windowed = min(length, fp.sliding_window or length) * len(fp.windowed_layers)
+    return (len(fp.full_layers) * length + windowed) * _layer_bytes_per_token(fp, dtype)
+
+
+def _fingerprint(model_dir):
     from transformers import AutoConfig
 
-    c = AutoConfig.from_pretrained(model_dir)
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return fingerprint_from_hf_config(AutoConfig.from_pretrained(model_dir))
+
+
+def _layer_bytes_per_token(fp, dtype: str, kv_cache_dtype: str = "auto") -> int:
     size = 1 if kv_cache_dtype.startswith("fp8") else {
         "float32": 4, "bfloat16": 2, "float16": 2}[dtype]
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * size
+    return 2 * fp.num_kv_heads * fp.head_dim * size
 
 
-def answer_and_measure(llm, prompts: list[str], params) -> tuple[list[str], list[float]]:
+def answer_and_measure(llm, prompts: list[str], params,
+                       model_bytes) -> tuple[list[str], list[float]]:
     """Greedy answers, and the KV bytes each request held in the engine's block pool
     at its second output token (its first decode step, after the manager freed what
-    the spans no longer read; the first token if it stopped there) per prompt token."""
+    the spans no longer read; the first token if it stopped there) over
+    ``model_bytes(prompt tokens)``, the model's own dense cache of the prompt."""
     from moa_vllm.engine.vllm_surface import llm_scheduler, request_kv_bytes
 
     engine, scheduler = llm.llm_engine, llm_scheduler(llm)
@@ -131,7 +150,7 @@ def answer_and_measure(llm, prompts: list[str], params) -> tuple[list[str], list
                     bar.update(1)
                 elif len(out.outputs[0].token_ids) <= 2:
                     held[i] = (request_kv_bytes(scheduler, out.request_id)
-                               / len(out.prompt_token_ids))
+                               / model_bytes(len(out.prompt_token_ids)))
     return texts, held
 
 
@@ -179,7 +198,7 @@ def run_eval(model_dir, methods: list[Method], tasks, lengths, depths, samples: 
     context = AutoConfig.from_pretrained(model_dir).max_position_embeddings
     max_len = min(context, max([*lengths, *fidelity_lengths]) + 256)
     answer = SamplingParams(temperature=0, max_tokens=16)
-    per_token = kv_bytes_per_token(model_dir, EVAL_DTYPE)
+    model_bytes = functools.partial(model_kv_bytes, model_dir, EVAL_DTYPE)
     scoring = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=TOP_K)
     results, dense_logprobs = [], None
     plans_dir = tempfile.TemporaryDirectory(prefix="moa-eval-")  # the methods' plan files
@@ -192,9 +211,10 @@ def run_eval(model_dir, methods: list[Method], tasks, lengths, depths, samples: 
                 d.length: {"average": d.average_density, "allocated": d.allocated_density}
                 for d in density_table(method.plan, sorted({*lengths, *fidelity_lengths}),
                                        llm_block_size(llm))}
-        texts, held = answer_and_measure(llm, [s.prompt for s in prompts], answer)
+        texts, held = answer_and_measure(llm, [s.prompt for s in prompts], answer,
+                                         model_bytes)
         for length in lengths:
-            fractions = [h / per_token for s, h in zip(prompts, held) if s.length == length]
+            fractions = [h for s, h in zip(prompts, held) if s.length == length]
             res.kv_fraction[length] = sum(fractions) / len(fractions)
         for task in tasks:
             cells: dict[str, list[bool]] = {}
@@ -249,7 +269,8 @@ def markdown(report: dict) -> str:
             rows.append(f"| {m['name']} | {task} | " + " | ".join(f"{a:.2f}" for a in accs)
                         + f" | {m['effective_length'][task]} | {kv} |")
     rows += ["", "KV@n: KV bytes a request held in that engine's block pool at its first "
-             "decode step, over a dense cache of the prompt (dense > 1: block rounding).", ""]
+             "decode step, over the model's own cache of the prompt in the eval's dtype (a "
+             "hybrid model's windowed layers windowed; dense > 1: block rounding).", ""]
     fillers = sorted({f for m in report["methods"] for t in m["accuracy_by_filler"].values()
                       for f in t})
     rows += ["| method | task | " + " | ".join(fillers) + " |",
