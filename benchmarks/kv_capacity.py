@@ -101,7 +101,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
-              "command": " ".join(sys.argv), "model": args.model, "plan": args.plan,
+              "command": " ".join(["python", *sys.argv]), "model": args.model, "plan": args.plan,
               "kv_cache_memory_bytes": args.kv_cache_memory_bytes,
               "max_model_len": max_model_len, "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))

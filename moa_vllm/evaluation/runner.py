@@ -240,7 +240,7 @@ def run_eval(model_dir, methods: list[Method], tasks, lengths, depths, samples: 
                 pairs = [fidelity(dense_logprobs[i][1:], lps[i][1:]) for i in idx]
                 res.top1_agreement[length] = sum(a for a, _ in pairs) / len(pairs)
                 res.kl_top20[length] = sum(k for _, k in pairs) / len(pairs)
-        if method.plan is None:
+        if method.plan is None and dense_logprobs is None:  # the first dense: the reference
             dense_logprobs = lps
         shutdown_llm(llm)
         res.seconds = time.time() - started
