@@ -1,7 +1,7 @@
 """Gemma 3 270M, our second real model (``moa-vllm model gemma3``): the converted
 model is sane (its ``<bos>`` restored) and vLLM serves it as transformers runs
-it; MoA on its full-attention layers with spans that cover everything is
-token-for-token vLLM's own backend."""
+it; plan discovery serves the shipped searched plan for it, and a prompt below
+that plan's exact floor is token-for-token vLLM's own backend."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from moa_testing import model_fingerprint, start_llm, stop_llm
 
 from moa_vllm.evaluation.tasks import english_text
-from moa_vllm.plan import uniform_plan
+from moa_vllm.plan_discovery import resolve_plan
 
 TOKENS = 400
 
@@ -56,16 +56,23 @@ def test_converted_model_is_sane_and_vllm_serves_it_as_transformers_runs_it(
     assert (served - reference).abs().max() < 0.05
 
 
-def test_moa_full_span_plan_is_vllms_backend(gemma3_dir, text_ids, tmp_path):
+def test_plan_discovery_serves_the_shipped_plan_and_short_prompts_stay_exact(
+        gemma3_dir, text_ids, tmp_path):
+    """No plan handed over: discovery picks the searched position-elastic 0.5 plan
+    for this model, and a prompt below its exact floor is vLLM's own backend."""
     from vllm import SamplingParams
 
     fp = model_fingerprint(gemma3_dir)
     assert fp.windowed_layers and len(fp.full_layers) == 3
+    found = resolve_plan(gemma3_dir, fp)
+    assert found.how.startswith("shipped plans")
+    assert found.plan.elastic == "position" and found.plan.provenance.method == "moa-search"
+    assert found.plan.exact_floor >= 300
     prompt = {"prompt_token_ids": text_ids[:300]}
     params = SamplingParams(temperature=0, max_tokens=16)
     tokens = {}
-    for name, backend, plan in [("vllm", None, None), ("moa", "moa", uniform_plan(fp, 1.0))]:
-        llm = start_llm(gemma3_dir, plan, tmp_path, backend=backend, block_size=64)
+    for name, backend in [("vllm", None), ("moa", "moa")]:
+        llm = start_llm(gemma3_dir, None, tmp_path, backend=backend, block_size=64)
         tokens[name] = list(llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids)
         stop_llm(llm)
     assert tokens["moa"] == tokens["vllm"] and len(tokens["vllm"]) == 16
