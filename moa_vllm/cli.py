@@ -88,12 +88,13 @@ def cmd_model_tiny(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from moa_vllm.evaluation.runner import methods_from_args, run_eval
+    from moa_vllm.evaluation.runner import EVAL_DTYPE, methods_from_args, run_eval
 
     methods = methods_from_args(args.model, args.plan, args.uniform, args.uniform_length,
                                 args.uniform_elastic, tuple(args.kv_cache_dtypes))
     run_eval(args.model, methods, args.tasks, args.lengths, args.depths, args.samples,
-             args.fidelity_lengths, args.fidelity_samples, Path(args.out))
+             args.fidelity_lengths, args.fidelity_samples, Path(args.out),
+             args.dtype or EVAL_DTYPE)
     print((Path(args.out) / "eval.md").read_text())
 
 
@@ -179,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fidelity-samples", type=int, default=2)
     p.add_argument("--kv-cache-dtypes", type=lambda s: s.split(","), default=["auto"],
                    help="run every method with each KV cache dtype, e.g. auto,fp8")
+    p.add_argument("--dtype", help="every engine's model dtype (default: float32); KV held "
+                   "is reported against the model's cache in this dtype")
     p.add_argument("--out", default="benchmarks/results/eval")
     p.set_defaults(func=cmd_eval)
 

@@ -27,14 +27,14 @@ from moa_vllm.plan import Plan, fingerprint_from_hf_config, load_plan, uniform_p
 from moa_vllm.plan_report import density_table
 
 TOP_K = 20  # vLLM's logprobs cap: fidelity is measured on the dense top-20
-EVAL_DTYPE = "float32"  # every engine's dtype, and the dense cache KV@n is measured against
+EVAL_DTYPE = "float32"  # default dtype of every engine, and of the dense cache KV@n is measured against
 
 
 @dataclass
 class Method:
     name: str
     plan: Plan | None  # None: vLLM's own dense backend
-    kv_cache_dtype: str = "auto"  # KV held is reported against the dense EVAL_DTYPE cache
+    kv_cache_dtype: str = "auto"  # KV held is reported against the model's dense cache
 
 
 @dataclass
@@ -86,11 +86,12 @@ def methods_from_args(model_dir, plans: list[str], uniform: list[float],
             for m in methods + moa for dtype in kv_cache_dtypes]
 
 
-def start_engine(model_dir, method: Method, workdir: Path, max_model_len: int):
+def start_engine(model_dir, method: Method, workdir: Path, max_model_len: int,
+                 dtype: str = EVAL_DTYPE):
     """One engine per method; a MoA plan is handed over in ``additional_config``."""
     from vllm import LLM
 
-    options = dict(model=str(model_dir), dtype=EVAL_DTYPE, enforce_eager=True,
+    options = dict(model=str(model_dir), dtype=dtype, enforce_eager=True,
                    max_model_len=max_model_len, max_num_seqs=4, seed=0,
                    kv_cache_memory_bytes=int(envs.get(envs.MOA_EVAL_KV_BYTES)),
                    max_logprobs=TOP_K, kv_cache_dtype=method.kv_cache_dtype)
@@ -182,7 +183,8 @@ def fidelity(dense_lps, method_lps) -> tuple[float, float]:
 
 
 def run_eval(model_dir, methods: list[Method], tasks, lengths, depths, samples: int,
-             fidelity_lengths, fidelity_samples: int, out_dir: Path) -> dict:
+             fidelity_lengths, fidelity_samples: int, out_dir: Path,
+             dtype: str = EVAL_DTYPE) -> dict:
     from transformers import AutoTokenizer
     from vllm import SamplingParams
 
@@ -198,14 +200,14 @@ def run_eval(model_dir, methods: list[Method], tasks, lengths, depths, samples: 
     context = AutoConfig.from_pretrained(model_dir).max_position_embeddings
     max_len = min(context, max([*lengths, *fidelity_lengths]) + 256)
     answer = SamplingParams(temperature=0, max_tokens=16)
-    model_bytes = functools.partial(model_kv_bytes, model_dir, EVAL_DTYPE)
+    model_bytes = functools.partial(model_kv_bytes, model_dir, dtype)
     scoring = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=TOP_K)
     results, dense_logprobs = [], None
     plans_dir = tempfile.TemporaryDirectory(prefix="moa-eval-")  # the methods' plan files
     for method in tqdm(methods, desc="methods", position=0):
         started = time.time()
         res = MethodResult(method.name)
-        llm = start_engine(model_dir, method, Path(plans_dir.name), max_len)
+        llm = start_engine(model_dir, method, Path(plans_dir.name), max_len, dtype)
         if method.plan is not None:
             res.densities = {
                 d.length: {"average": d.average_density, "allocated": d.allocated_density}
@@ -245,7 +247,8 @@ def run_eval(model_dir, methods: list[Method], tasks, lengths, depths, samples: 
         shutdown_llm(llm)
         res.seconds = time.time() - started
         results.append(res)
-    report = {"model": str(model_dir), "tasks": list(tasks), "lengths": list(lengths),
+    report = {"model": str(model_dir), "dtype": dtype, "tasks": list(tasks),
+              "lengths": list(lengths),
               "depths": list(depths), "samples": samples,
               "fidelity_lengths": list(fidelity_lengths),
               "methods": [asdict(r) for r in results]}
