@@ -27,7 +27,7 @@ from moa_vllm.plan import Plan, fingerprint_from_hf_config, load_plan, uniform_p
 from moa_vllm.plan_report import density_table
 
 TOP_K = 20  # vLLM's logprobs cap: fidelity is measured on the dense top-20
-EVAL_DTYPE = "float32"  # default dtype of every engine, and of the dense cache KV@n is measured against
+EVAL_DTYPE = "float32"  # default model dtype of the engines; KV@n is over the model's cache in it
 
 
 @dataclass
@@ -86,8 +86,7 @@ def methods_from_args(model_dir, plans: list[str], uniform: list[float],
             for m in methods + moa for dtype in kv_cache_dtypes]
 
 
-def start_engine(model_dir, method: Method, workdir: Path, max_model_len: int,
-                 dtype: str = EVAL_DTYPE):
+def start_engine(model_dir, method: Method, workdir: Path, max_model_len: int, dtype: str):
     """One engine per method; a MoA plan is handed over in ``additional_config``."""
     from vllm import LLM
 
@@ -248,8 +247,7 @@ def run_eval(model_dir, methods: list[Method], tasks, lengths, depths, samples: 
         res.seconds = time.time() - started
         results.append(res)
     report = {"model": str(model_dir), "dtype": dtype, "tasks": list(tasks),
-              "lengths": list(lengths),
-              "depths": list(depths), "samples": samples,
+              "lengths": list(lengths), "depths": list(depths), "samples": samples,
               "fidelity_lengths": list(fidelity_lengths),
               "methods": [asdict(r) for r in results]}
     report = json.loads(json.dumps(report))  # the file's form: str keys

@@ -67,6 +67,7 @@ def test_plan_discovery_serves_the_shipped_plan_and_short_prompts_stay_exact(
     found = resolve_plan(gemma3_dir, fp)
     assert found.how.startswith("shipped plans")
     assert found.plan.elastic == "position" and found.plan.provenance.method == "moa-search"
+    assert found.plan.provenance.details["density"] == 0.5
     assert found.plan.exact_floor >= 300
     prompt = {"prompt_token_ids": text_ids[:300]}
     params = SamplingParams(temperature=0, max_tokens=16)
