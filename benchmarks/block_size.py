@@ -16,10 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-from moa_vllm.evaluation.machine import machine
+from moa_vllm.evaluation.machine import provenance, provenance_lines
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_throughput import BUDGET_BLOCK, run_backend  # noqa: E402
@@ -65,12 +64,11 @@ def main() -> int:
 
 def write_results(args, rows: list[dict]) -> None:
     out = Path(args.out)
-    result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
-              "command": " ".join(sys.argv), "model": args.model, "plan": args.plan,
+    result = {"provenance": provenance([args.plan]), "model": args.model, "plan": args.plan,
               "dtype": args.dtype, "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.json").write_text(json.dumps(result, indent=1))
-    lines = [f"Machine: {result['machine']}. {result['date']}: `{result['command']}`",
+    lines = [*provenance_lines(result["provenance"]), "",
              f"({args.dtype}, {args.requests} requests, {args.out_tokens} output tokens "
              "each; ratios to dense at vLLM's default block size)", "",
              "| L | engine | block size | decode tok/s | decode ratio | prefill s | "

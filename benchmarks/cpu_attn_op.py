@@ -49,6 +49,9 @@ def microseconds(call, repeats: int = 200) -> float:
 
 
 def main() -> None:
+    from moa_vllm.evaluation.machine import provenance, provenance_lines
+
+    print("\n".join(provenance_lines(provenance())), end="\n\n")
     print("| context | dense µs/layer (3 KV heads, block 128) | MoA µs/layer (3 calls, block 64, half the keys) |")
     print("|---|---|---|")
     for length in (2048, 4096, 8192):

@@ -37,7 +37,7 @@ from pathlib import Path
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # read the block pool
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from moa_vllm.evaluation.machine import machine  # noqa: E402
+from moa_vllm.evaluation.machine import provenance, provenance_lines  # noqa: E402
 BUDGET_BLOCK = 128  # tokens: the KV budget holds whole dense blocks of vLLM's CPU default
 
 
@@ -145,7 +145,7 @@ def main() -> int:
         # whole blocks of dense's largest default (CPU: 128 tokens), plus the null block
         held = -(-(length + args.out_tokens) // BUDGET_BLOCK) * BUDGET_BLOCK
         kv_bytes = int(per_token * (args.dense_requests_fit * held + BUDGET_BLOCK))
-        row = {"length": length, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
+        row = {"length": length, "provenance": provenance([args.plan]),
                "kv_budget_bytes": kv_bytes, "dense_kv_bytes_per_request": need}
         backends = [("dense", None, "vllm"), ("moa", args.plan, "vllm")]
         if args.torch_path:
@@ -185,12 +185,15 @@ def _torch_path(row: dict) -> str:
 
 
 def write_results(args, rows: list[dict], out: Path) -> None:
-    result = {"machine": machine(), "model": args.model, "plan": args.plan, "rows": rows}
+    result = {"model": args.model, "plan": args.plan, "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.json").write_text(json.dumps(result, indent=1))
-    commands = sorted({f"{r['date']}: `{r['command']}`" for r in rows})
-    lines = [f"Machine: {result['machine']}.", *[f"- {c}" for c in commands],
-             "", "| L | block dense / MoA | decode tok/s dense / MoA | decode ratio | "
+    runs = {json.dumps(r["provenance"], sort_keys=True): [] for r in rows}  # --append: several
+    for r in rows:
+        runs[json.dumps(r["provenance"], sort_keys=True)].append(str(r["length"]))
+    lines = [line for run, lengths in runs.items()
+             for line in [f"L = {', '.join(lengths)}:  ", *provenance_lines(json.loads(run)), ""]]
+    lines += ["| L | block dense / MoA | decode tok/s dense / MoA | decode ratio | "
              "prefill s dense / MoA | overall tok/s dense / MoA | ratio | peak reqs dense/MoA | "
              "KV/request dense | KV/request MoA (fraction) | predicted allocated | "
              "torch path: decode ratio, prefill s |",

@@ -35,7 +35,6 @@ import math
 import os
 import random
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -324,17 +323,20 @@ def run(args) -> dict:
                 torch.cuda.empty_cache()
         rows.append(row)
         print(json.dumps(row), flush=True)
-    return {"device": name, "peak_bandwidth": peak, "dense_source": dense_src,
+    from moa_vllm.evaluation.machine import provenance
+
+    return {"provenance": provenance(), "device": name, "peak_bandwidth": peak, "dense_source": dense_src,
             "kv_budget_gib": args.kv_gib, "shape": shape, "block_size": block,
-            "dtype": str(dtype), "command": " ".join(sys.argv),
-            "date": time.strftime("%Y-%m-%d"),
+            "dtype": str(dtype),
             "timing": "CUDA-graph replay of the whole step, do_bench median" if HAS_CUDA
             else "one eager call (interpreter: not a speed)", "rows": rows}
 
 
 def markdown(result: dict) -> str:
+    from moa_vllm.evaluation.machine import provenance_lines
+
     lines = [f"# One decode step at equal KV memory: {result['device']}", "",
-             f"{result['date']}: `{result['command']}`  ",
+             *provenance_lines(result["provenance"]),
              f"Shape {json.dumps(result['shape'])}, {result['dtype']}, block "
              f"{result['block_size']}, KV budget {result['kv_budget_gib']} GiB, dense: vLLM "
              f"unified_attention ({result['dense_source']}). {result['timing']}. A decode step "

@@ -150,9 +150,14 @@ def needed_tokens(rules, sink: int, min_window: int, seq_len: int) -> int:
 
 def _import_span_mask():
     """moa_vllm/span_mask.py of this checkout (torch only), installed or not."""
-    name = "moa_vllm_span"
+    return _checkout_module("moa_vllm_span", "span_mask.py")
+
+
+def _checkout_module(name: str, path: str):
+    """A torch-only module of this checkout's moa_vllm/, loaded by path (the GPU host
+    has neither vLLM nor moa-vllm installed)."""
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "moa_vllm" / "span_mask.py")
+        spec = importlib.util.spec_from_file_location(name, ROOT / "moa_vllm" / path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # dataclasses look their module up while executing
         spec.loader.exec_module(module)
@@ -316,6 +321,7 @@ def run(args) -> dict:
             if device == "cuda":
                 torch.cuda.empty_cache()
     return {
+        "provenance": _checkout_module("moa_vllm_machine", "evaluation/machine.py").provenance(),
         "device": dev_name,
         "peak_bandwidth": peak,
         "measured_copy_bandwidth": copy_bw,
@@ -324,7 +330,7 @@ def run(args) -> dict:
             "num_heads": H, "num_kv_heads": Hkv, "head_size": D, "block_size": bs,
             "dtype": str(dtype), "sink_tokens": sink, "min_window": min_window,
             "layout": args.layout, "tile": args.tile, "splits": args.splits,
-            "smoke": args.smoke, "command": " ".join(sys.argv),
+            "smoke": args.smoke,
             "timing": "eager calls" if args.eager or device != "cuda" else
             "CUDA-graph replay, do_bench median, L2 flushed",
         },
@@ -397,7 +403,8 @@ def markdown(result) -> str:
     lines = [
         f"# Decode kernel benchmark: {result['device']}",
         "",
-        f"Command: `{result['config']['command']}`  ",
+        *_checkout_module("moa_vllm_machine", "evaluation/machine.py").provenance_lines(
+            result["provenance"]),
         f"Config: {json.dumps(result['config'])}  ",
         f"Peak bandwidth used for %: {result['peak_bandwidth'] and result['peak_bandwidth'] / 1e12} TB/s; "
         f"measured device-to-device copy: "

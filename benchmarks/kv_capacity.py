@@ -20,13 +20,12 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # read the block pool
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from moa_vllm.evaluation.machine import machine  # noqa: E402
+from moa_vllm.evaluation.machine import provenance, provenance_lines  # noqa: E402
 from moa_vllm.evaluation.served import markdown_table  # noqa: E402
 
 ENGINES = [("dense", False, "auto"), ("dense", False, "fp8"),
@@ -100,8 +99,7 @@ def main() -> int:
         row["concurrency_ratio"] = row["logged_max_concurrency"] / base["logged_max_concurrency"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
-              "command": " ".join(["python", *sys.argv]), "model": args.model, "plan": args.plan,
+    result = {"provenance": provenance([args.plan]), "model": args.model, "plan": args.plan,
               "kv_cache_memory_bytes": args.kv_cache_memory_bytes,
               "max_model_len": max_model_len, "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
@@ -112,7 +110,7 @@ def main() -> int:
                     (f"of dense {args.dtype}", f"fraction_{length}", ".2f")]
     columns += [(f"logged max concurrency at {max_model_len}", "logged_max_concurrency", ".2f"),
                 ("of dense", "concurrency_ratio", ".2f")]
-    lines = [f"Machine: {result['machine']}. {result['date']}: `{result['command']}`",
+    lines = [*provenance_lines(result["provenance"]), "",
              f"One KV budget ({args.kv_cache_memory_bytes / 2**20:.0f} MiB); KV per request "
              "from the block pool at steady decode.", "", *markdown_table(rows, columns)]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

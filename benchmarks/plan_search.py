@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from moa_vllm.evaluation.machine import provenance, provenance_lines
 from moa_vllm.planner.milp import HeadClassMILP, pareto_sweep
 from moa_vllm.planner.synthetic import random_problem
 from moa_vllm.span_classes import objective_lengths
@@ -69,6 +70,7 @@ def main() -> None:
     keys = list(rows[0])
     widths = [max(len(k), *(len(str(r.get(k))) for r in rows)) for k in keys]
     print()
+    print("\n".join(provenance_lines(provenance())), end="\n\n")
     print(" | ".join(k.ljust(w) for k, w in zip(keys, widths)))
     print("-|-".join("-" * w for w in widths))
     for r in rows:

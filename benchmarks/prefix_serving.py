@@ -22,10 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-from moa_vllm.evaluation.machine import machine
+from moa_vllm.evaluation.machine import provenance, provenance_lines
 from moa_vllm.evaluation.served import (
     Server,
     dense_budget_bytes,
@@ -99,15 +98,13 @@ def main() -> int:
         with Server(args.model, server_args, log) as server:
             row = measure(server, args.model, bench, budget)
         rows.append({"server": name, "caching": caching, "requested": args.num_prompts, **row})
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
-            "command": " ".join(["python", *sys.argv]), "model": str(args.model),
+    meta = {"provenance": provenance(args.plan), "model": str(args.model),
             "plans": args.plan, "dtype": args.dtype, "kv_budget_bytes": budget,
             "workload": {k: getattr(args, k) for k in ("prefix_len", "suffix_len",
                                                         "num_prefixes", "output_len",
                                                         "num_prompts", "max_concurrency")}}
     args.out.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
-    lines = [f"# Prefix caching, served ({meta['date']})", "",
-             f"Machine: {meta['machine']}. Command: `{meta['command']}`.", "",
+    lines = ["# Prefix caching, served", "", *provenance_lines(meta["provenance"]), "",
              f"`vllm serve` under one `--kv-cache-memory-bytes` ({args.dense_requests} dense "
              f"requests of {length} tokens), `--dtype {args.dtype}`; `vllm bench serve "
              f"--dataset-name prefix_repetition`: {args.num_prefixes} prefixes of "

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -92,13 +91,13 @@ def main() -> int:
     for r in rows:
         r["step_ratio"] = r["step_ms"] / base["step_ms"]
         r["schedule_ratio"] = r["schedule_ms"] / base["schedule_ms"]
-    result = {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus",
-              "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
-              "length": args.length, "batch": args.batch, "rows": rows}
+    from moa_vllm.evaluation.machine import provenance, provenance_lines
+
+    result = {"provenance": provenance([args.plan]), "length": args.length, "batch": args.batch, "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.json").write_text(json.dumps(result, indent=1))
-    lines = [f"Machine: {result['machine']}, {result['date']}: `{result['command']}`", "",
+    lines = [*provenance_lines(result["provenance"]), "",
              "| head classes | decode step (ms, median) | vs 1 class | schedule() (ms) | "
              "vs 1 class |", "|---|---|---|---|---|"]
     lines += [f"| {r['classes']} | {r['step_ms']:.1f} | {r['step_ratio']:.2f} | "

@@ -23,10 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-from moa_vllm.evaluation.machine import machine
+from moa_vllm.evaluation.machine import provenance, provenance_lines
 from moa_vllm.evaluation.served import (
     Server,
     dense_budget_bytes,
@@ -62,9 +61,8 @@ def run_server(name: str, args, length: int, budget: int, server_args: list[str]
             "kv_budget_bytes": budget, **row}
 
 
-def write_results(args, rows: list[dict], out: Path, argv: list[str]) -> None:
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "command": " ".join(argv),
-            "model": str(args.model), "plans": args.plan, "dtype": args.dtype,
+def write_results(args, rows: list[dict], out: Path) -> None:
+    meta = {"provenance": provenance(args.plan), "model": str(args.model), "plans": args.plan, "dtype": args.dtype,
             "output_len": args.output_len, "num_prompts": args.num_prompts,
             "dense_requests_in_budget": args.dense_requests}
     out.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
@@ -75,8 +73,8 @@ def write_results(args, rows: list[dict], out: Path, argv: list[str]) -> None:
                   for r in rows if r["server"] != "dense"]
     ratio_columns = [(t, k, "s" if k in RATIO_KEYS else spec) for t, k, spec in COLUMNS
                      if k in RATIO_KEYS or k in ("server", "prompt")]
-    lines = [f"# Serving throughput at equal KV memory ({meta['date']})", "",
-             f"Machine: {meta['machine']}. Command: `{meta['command']}`.", "",
+    lines = ["# Serving throughput at equal KV memory", "",
+             *provenance_lines(meta["provenance"]), "",
              f"`vllm serve` under one `--kv-cache-memory-bytes` per prompt length (about "
              f"{args.dense_requests} dense requests), `--dtype {args.dtype}`; "
              f"`vllm bench serve --dataset-name random`, {args.num_prompts} prompts at once, "
@@ -114,7 +112,7 @@ def main() -> int:
                                     length + args.output_len, DENSE_BLOCK)
         for name, extra in (("dense", []), *map(moa_server_args, args.plan)):
             rows.append(run_server(name, args, length, budget, extra, logs))
-    write_results(args, rows, args.out, ["python", *sys.argv])
+    write_results(args, rows, args.out)
     return 0 if all(r["completed"] == args.num_prompts for r in rows) else 1
 
 

@@ -28,6 +28,7 @@ def main() -> None:
                     help="also give the full span to each band of this many layers")
     args = ap.parse_args()
 
+    from moa_vllm.evaluation.machine import provenance, provenance_lines
     from moa_vllm.evaluation.tasks import is_correct, make_samples
     from moa_vllm.plan import load_plan, uniform_plan
     from moa_vllm.planner.profile import load_model, masked_generate
@@ -50,6 +51,7 @@ def main() -> None:
         for layer in band:
             full.rules[layer] = [(plan.model.max_position_embeddings, 0.0)] * len(plan.rules[layer])
         variants[f"plan, layers {band.start}-{band.stop - 1} full"] = full
+    print("\n".join(provenance_lines(provenance([args.plan]))))
     print(f"{args.task} at {args.length} tokens, {len(samples)} prompts, seed {args.seed}")
     for name, variant in variants.items():
         hits = 0

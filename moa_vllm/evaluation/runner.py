@@ -22,6 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from moa_vllm import envs
+from moa_vllm.evaluation.machine import provenance, provenance_lines
 from moa_vllm.evaluation.tasks import english_token_windows, is_correct, make_samples
 from moa_vllm.plan import Plan, fingerprint_from_hf_config, load_plan, uniform_plan
 from moa_vllm.plan_report import density_table
@@ -35,6 +36,7 @@ class Method:
     name: str
     plan: Plan | None  # None: vLLM's own dense backend
     kv_cache_dtype: str = "auto"  # KV held is reported against the model's dense cache
+    path: str | None = None  # the plan file, fingerprinted in the report's provenance
 
 
 @dataclass
@@ -68,7 +70,7 @@ def methods_from_args(model_dir, plans: list[str], uniform: list[float],
     moa = []
     for spec in plans:
         name, _, path = spec.rpartition("=")
-        moa.append(Method(name or Path(path).stem, load_plan(path, fp)))
+        moa.append(Method(name or Path(path).stem, load_plan(path, fp), path=path))
     modes = uniform_elastic or sorted({m.plan.elastic for m in moa}) or ["prompt"]
     # the plans' granule: the baselines read whole blocks as the plans do, on the same
     # attention path (on CPU, vLLM's op; granule 1 would run the torch path)
@@ -82,7 +84,7 @@ def methods_from_args(model_dir, plans: list[str], uniform: list[float],
         methods += [Method(f"uniform-{d}-{mode}",
                            uniform_plan(fp, d, elastic=mode, grow=True, granule=granule))
                     for mode in modes]
-    return [m if dtype == "auto" else Method(f"{m.name}@{dtype}", m.plan, dtype)
+    return [m if dtype == "auto" else Method(f"{m.name}@{dtype}", m.plan, dtype, m.path)
             for m in methods + moa for dtype in kv_cache_dtypes]
 
 
@@ -246,7 +248,8 @@ def run_eval(model_dir, methods: list[Method], tasks, lengths, depths, samples: 
         shutdown_llm(llm)
         res.seconds = time.time() - started
         results.append(res)
-    report = {"model": str(model_dir), "dtype": dtype, "tasks": list(tasks),
+    report = {"provenance": provenance(m.path for m in methods),
+              "model": str(model_dir), "dtype": dtype, "tasks": list(tasks),
               "lengths": list(lengths), "depths": list(depths), "samples": samples,
               "fidelity_lengths": list(fidelity_lengths),
               "methods": [asdict(r) for r in results]}
@@ -258,7 +261,9 @@ def run_eval(model_dir, methods: list[Method], tasks, lengths, depths, samples: 
 
 
 def markdown(report: dict) -> str:
-    lengths, rows = report["lengths"], []
+    lengths = report["lengths"]
+    rows = [*provenance_lines(report["provenance"]),
+            f"Model `{report['model']}`, {report['dtype']}.", ""]
     head = ("| method | task | " + " | ".join(f"acc@{n}" for n in lengths)
             + " | effective length | " + " | ".join(f"KV@{n}" for n in lengths) + " |")
     rows += [head, "|" + "---|" * (2 * len(lengths) + 3)]

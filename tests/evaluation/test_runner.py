@@ -4,13 +4,15 @@ run is `moa-vllm eval`, results in benchmarks/results/eval/)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from moa_testing import model_fingerprint
 from transformers import AutoTokenizer
 
-from moa_vllm.evaluation.tasks import FILLERS, is_correct, make_samples
+from moa_vllm.evaluation.machine import CHECKOUT, provenance_lines, sha256
 from moa_vllm.evaluation.runner import Method, effective_length, methods_from_args, run_eval
+from moa_vllm.evaluation.tasks import FILLERS, is_correct, make_samples
 from moa_vllm.plan import uniform_plan
 
 
@@ -42,6 +44,7 @@ def test_uniform_baselines_match_the_plans_density_at_every_length(tiny_dir, tmp
     uniform_plan(fp, 0.5, elastic="position", grow=True).save(tmp_path / "pos.json")
     methods = methods_from_args(tiny_dir, [f"moa={tmp_path / 'pos.json'}"], [0.25])
     assert [m.name for m in methods] == ["dense", "uniform-0.25-position", "moa"]
+    assert [m.path for m in methods] == [None, None, str(tmp_path / "pos.json")]
     baseline = methods[1].plan
     assert [round(average_density(baseline, n), 2) for n in (512, 1024, 2048)] == [0.25] * 3
     fixed = methods_from_args(tiny_dir, [], [0.25], uniform_length=512)[1]
@@ -52,12 +55,13 @@ def test_uniform_baselines_match_the_plans_density_at_every_length(tiny_dir, tmp
 @pytest.fixture(scope="module")
 def report(tiny_dir, tmp_path_factory):
     fp = model_fingerprint(tiny_dir)
+    out = tmp_path_factory.mktemp("eval")
+    uniform_plan(fp, 1.0).save(out / "full.json")
     methods = [
         Method("dense", None),
-        Method("full", uniform_plan(fp, 1.0)),
+        Method("full", uniform_plan(fp, 1.0), path=str(out / "full.json")),
         Method("window", uniform_plan(fp, 0.25, length=512, sink_tokens=16, min_window=16)),
     ]
-    out = tmp_path_factory.mktemp("eval")
     return run_eval(tiny_dir, methods, ["passkey"], [256, 512], [0.5], 1, [512], 1, out), out
 
 
@@ -80,3 +84,18 @@ def test_harness_writes_results_and_a_full_plan_is_dense(report):
     assert full["kv_fraction"]["512"] <= 1 + 16 / 256
     assert window["kv_fraction"]["512"] < 0.5 * full["kv_fraction"]["512"]
     assert "KV@512" in (out / "eval.md").read_text()
+
+
+def test_the_report_names_machine_date_command_commit_and_plans(report):
+    """eval.json and eval.md carry where the figures come from."""
+    data, out = report
+    record = data["provenance"]
+    assert set(record) == {"machine", "gpu", "date", "command", "commit", "vllm", "plans"}
+    assert re.search(r", \d+ cpus$", record["machine"]) and record["vllm"] and record["command"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d", record["date"])
+    if (CHECKOUT / ".git").exists():
+        assert re.fullmatch(r"[0-9a-f]{40}(\+changes)?", record["commit"])
+    assert record["plans"] == {str(out / "full.json"): sha256(out / "full.json")}
+    assert data["dtype"] == "float32"
+    markdown = (out / "eval.md").read_text()
+    assert all(line in markdown for line in provenance_lines(record))
