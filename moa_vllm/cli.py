@@ -38,6 +38,7 @@ def cmd_plan_show(args) -> None:
     from moa_vllm.plan_report import (
         class_reports,
         density_table,
+        reference_comparison,
         report_lengths,
         rule_histogram,
     )
@@ -60,6 +61,15 @@ def cmd_plan_show(args) -> None:
                          class_reports(classes, lengths, args.block_size)],
         "rule_histogram": rule_histogram(plan),
     }
+    if authors := reference_comparison(plan, lengths, args.block_size, classes):
+        group = plan.provenance.details["query_heads_per_kv_head"]
+        report["authors_density"] = {
+            "note": f"the MoA authors' nominal density is per query head of the model "
+                    f"converted to MHA, a cache {group}x the model's own GQA cache (which "
+                    "vLLM holds, and which allocated_density counts); "
+                    "nominal_of_model_cache puts theirs in the same terms",
+            "lengths": authors,
+        }
     if args.png:
         from moa_vllm.planner.plots import plan_heatmap
 
@@ -134,9 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, help="length of the heatmap (default: the longest of --lengths)")
     p.set_defaults(func=cmd_plan_show)
 
-    from moa_vllm.planner.cli import add_search_parser
+    from moa_vllm.planner.cli import add_import_parser, add_search_parser
 
     add_search_parser(plan)
+    add_import_parser(plan)
 
     model = sub.add_parser("model", help="local model directories").add_subparsers(
         dest="command", required=True

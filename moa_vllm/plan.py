@@ -234,15 +234,20 @@ def plan_from_dict(
 ) -> Plan:
     """Validate a plan document; raises PlanError with one line naming the field.
 
-    The reference's per-query-head ``{"alphas", "betas"}`` format is converted
-    when the model's fingerprint is known.
+    The MoA authors' per-query-head ``{"alphas", "betas"}`` format is converted
+    (``planner.reference_import``, what ``moa-vllm plan import`` runs) when the
+    model's fingerprint is known.
     """
     if not isinstance(data, dict):
         raise PlanError(f"{source}: a plan must be a JSON object")
     if "alphas" in data and "betas" in data and "rules" not in data:
         if model is None:
-            raise PlanError(f"{source}: a reference plan needs the model to convert it")
-        return plan_from_reference(data, model, source=source)
+            raise PlanError(f"{source}: the MoA authors' per-query-head format needs the "
+                            f"model to convert it (moa-vllm plan import {source} --model DIR "
+                            "--out plan.json)")
+        from moa_vllm.planner.reference_import import import_reference
+
+        return import_reference(data, model, source={"path": source})
     try:
         return Plan.model_validate(data)
     except ValidationError as err:
@@ -344,49 +349,4 @@ def uniform_plan(
         exact_floor=exact_floor,
         rules=full_layer_rows(model, lambda layer: [rule] * model.num_kv_heads),
         provenance=Provenance(method="uniform", created=now_iso(), details=details),
-    )
-
-
-def plan_from_reference(
-    data: dict[str, Any],
-    model: ModelFingerprint,
-    sink_tokens: int = 64,
-    min_window: int = 128,
-    source: str = "reference plan",
-) -> Plan:
-    """Convert the reference's ``{"alphas", "betas"}`` per-query-head plan.
-
-    Each KV head takes the widest rule of its query-head group: the largest alpha
-    and the largest beta, which covers every member at every length.
-    """
-    alphas, betas = data["alphas"], data["betas"]
-    group = model.num_attention_heads // model.num_kv_heads
-    if len(alphas) != model.num_layers or any(
-        len(a) != model.num_attention_heads for a in alphas
-    ):
-        raise PlanError(
-            f"{source}: alphas must be [{model.num_layers}][{model.num_attention_heads}]"
-            f" for {model.describe()}"
-        )
-    rules = []
-    for layer_a, layer_b in zip(alphas, betas):
-        row = []
-        for kv in range(model.num_kv_heads):
-            members = slice(kv * group, (kv + 1) * group)
-            row.append(
-                (math.ceil(max(layer_a[members])), float(max(layer_b[members])))
-            )
-        rules.append(row)
-    return Plan(
-        version=PLAN_VERSION,
-        model=model,
-        sink_tokens=sink_tokens,
-        elastic="prompt",
-        min_window=min_window,
-        rules=rules,
-        provenance=Provenance(
-            method="reference-import",
-            created=now_iso(),
-            details={"source": source, "gqa_reduction": "widest rule of each group"},
-        ),
     )

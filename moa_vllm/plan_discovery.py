@@ -35,7 +35,23 @@ DEFAULT_ELASTIC = "position"
 class ResolvedPlan:
     plan: Plan
     source: str  # path of the plan file
-    how: str  # which discovery rule found it
+    how: str  # which discovery rule found it, and where the plan came from
+
+
+def origin(plan: Plan) -> str:
+    """Which model a plan was made on, when it says so (imported plans do): a
+    fingerprint is a shape, which other models may share."""
+    details = plan.provenance.details
+    searched_on = (details.get("source") or {}).get("searched_on")
+    if not searched_on:
+        return ""
+    label = details.get("label")
+    return (f"; the MoA authors' plan searched on {searched_on}"
+            + (f", {label}" if label else ""))
+
+
+def _resolved(plan: Plan, source: str, how: str) -> ResolvedPlan:
+    return ResolvedPlan(plan, source, how + origin(plan))
 
 
 def packaged_plans_dir() -> Path:
@@ -104,24 +120,24 @@ def resolve_plan(model_dir: str | os.PathLike | None, model: ModelFingerprint,
     if requested:
         plan = load_plan(requested, model)
         check_plan_fits(plan, model, str(requested))
-        return ResolvedPlan(plan, str(requested), "additional_config")
+        return _resolved(plan, str(requested), "additional_config")
     if env := envs.get(PLAN_ENV):
         plan = load_plan(env, model)
         check_plan_fits(plan, model, env)
-        return ResolvedPlan(plan, env, f"${PLAN_ENV}")
+        return _resolved(plan, env, f"${PLAN_ENV}")
     if model_dir is not None:
         local = Path(model_dir) / MODEL_DIR_PLAN
         if local.is_file():
             plan = load_plan(local, model)
             check_plan_fits(plan, model, str(local))
-            return ResolvedPlan(plan, str(local), "model directory")
+            return _resolved(plan, str(local), "model directory")
     candidates = _shipped_candidates(model)
     if candidates:
         (path, plan), *others = sorted(candidates, key=_preference)
         how = "shipped plans (fingerprint match)"
         if others:
             how += "; also matching: " + ", ".join(p.name for p, _ in others)
-        return ResolvedPlan(plan, str(path), how)
+        return _resolved(plan, str(path), how)
     looked = ", ".join(str(d) for d in shipped_plans_dirs()) or "no plans directory"
     raise PlanError(
         f"no MoA plan for {model.describe()}: set {PLAN_ENV}=path, put "

@@ -23,7 +23,7 @@ from moa_vllm.span_classes import (
     model_density,
 )
 
-REPORT_LENGTHS = (512, 1024, 1536, 2048, 4096, 8192, 16384, 32768)
+REPORT_LENGTHS = (512, 1024, 1536, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 DEFAULT_BLOCK_SIZE = 16  # vLLM's default block size on CPU and CUDA
 
 
@@ -98,6 +98,27 @@ def plan_report(plan: Plan, source: str, how: str, block_size: int,
         block_size=block_size,
         densities=density_table(plan, lengths, block_size, classes),
     )
+
+
+def reference_comparison(plan: Plan, lengths: list[int], block_size: int,
+                         classes: tuple[HeadClass, ...] | None = None) -> list[dict]:
+    """A converted plan of the MoA authors (``plan import``) beside their own
+    density at each length where the import recorded it. Theirs is per query head
+    of the model converted to MHA, a cache ``query_heads_per_kv_head`` times the
+    model's GQA cache, which vLLM holds: ``nominal_of_model_cache`` puts it in
+    vLLM's terms. Empty for any other plan."""
+    details = plan.provenance.details
+    nominal = details.get("nominal_density") if plan.provenance.method == "reference-import" \
+        else None
+    if not nominal:
+        return []
+    group = details["query_heads_per_kv_head"]
+    return [{"length": d.length, "allocated_density": d.allocated_density,
+             "average_density": d.average_density,
+             "nominal_density": nominal[str(d.length)],
+             "nominal_of_model_cache": nominal[str(d.length)] * group}
+            for d in density_table(plan, [n for n in lengths if str(n) in nominal],
+                                   block_size, classes)]
 
 
 def rule_histogram(plan: Plan) -> list[dict]:

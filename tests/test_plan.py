@@ -8,7 +8,6 @@ from moa_vllm.plan import (
     PlanError,
     load_plan,
     plan_from_dict,
-    plan_from_reference,
     uniform_plan,
 )
 
@@ -79,19 +78,6 @@ def test_unreadable_and_not_json(tmp_path):
     (tmp_path / "x.json").write_text("{not json")
     with pytest.raises(PlanError, match="not valid JSON"):
         load_plan(tmp_path / "x.json")
-
-
-def test_reference_format_takes_widest_rule_of_each_group(tmp_path):
-    ref = {
-        "alphas": [[100, 300, 50, 60], [0, 0, 10, 20]],
-        "betas": [[0.0, 0.25, 0.5, 0.125], [1.0, 0.0, 0.0, 0.0]],
-    }
-    plan = plan_from_reference(ref, FP)
-    assert plan.rules == [[(300, 0.25), (60, 0.5)], [(0, 1.0), (20, 0.0)]]
-    (tmp_path / "ref.json").write_text(json.dumps(ref))
-    assert load_plan(tmp_path / "ref.json", FP).rules == plan.rules
-    with pytest.raises(PlanError, match="needs the model"):
-        load_plan(tmp_path / "ref.json")
 
 
 def test_uniform_density_bounds():
