@@ -16,10 +16,10 @@ mode cannot hold it: their prefill queries read a band sized by the whole prompt
 A KV head serves every query head of its group, so it reads at least the widest
 member's window at every length. The import takes, per KV head, the rule
 ``(alpha, beta)`` that is at or above that envelope at every prompt length from just
-above the exact floor to the model's context and holds the least (a two-variable
-linear program over the envelope's step points, solved with HiGHS, then rounded to
-our integer arithmetic and checked). Between step points the envelope is constant
-and our window grows, so the check at the step points covers every length.
+above the exact floor to the model's context and holds the least over those
+lengths (``fit_rule``: exact, by the corners of the feasible rules, in our integer
+arithmetic, then checked). Between the envelope's step points it is constant and
+our window grows, so the check at the step points covers every length.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.optimize import linprog
 
 from moa_vllm.plan import (
     PLAN_VERSION,
@@ -40,7 +39,7 @@ from moa_vllm.plan import (
     Provenance,
     now_iso,
 )
-from moa_vllm.span_classes import head_class_assignment, objective_lengths
+from moa_vllm.span_classes import head_class_assignment, head_density, objective_lengths
 from moa_vllm.span_mask import BETA_SCALE, beta_growth, window_size
 
 AUTHORS_REPOSITORY = "github.com/thu-nics/MoA"
@@ -96,26 +95,44 @@ def _envelope_points(members: list[tuple[float, float]], lo: int, hi: int
     return lengths[at], envelope[at]
 
 
+def _upper_hull(points: np.ndarray, need: np.ndarray) -> list[int]:
+    """Indices of the upper convex hull of ``(points, need)``, ``points`` increasing."""
+    hull: list[int] = []
+    for i in range(len(points)):
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            cross = ((points[b] - points[a]) * (need[i] - need[a])
+                     - (need[b] - need[a]) * (points[i] - points[a]))
+            if cross < 0:
+                break
+            hull.pop()
+        hull.append(i)
+    return hull
+
+
 def fit_rule(members: list[tuple[float, float]], lo: int, hi: int,
              objective: list[int]) -> tuple[int, float]:
     """The rule at or above every member's window at every prompt length in
-    ``[lo, hi]`` with the least held tokens summed over ``objective`` lengths
-    (each relative to its length)."""
+    ``[lo, hi]`` that holds the least, summed over the ``objective`` lengths.
+
+    The rules at or above the envelope form a convex polygon in ``(alpha, beta)``
+    whose corners have the slopes of the envelope's upper hull (and ``beta`` 0 or 1);
+    what a rule holds (its density, capped at 1) is concave along each side, so the
+    least is at a corner: every corner is tried, in our integer arithmetic."""
     points, need = _envelope_points(members, lo, hi)
-    inv = sum(1.0 / n for n in objective)
-    lp = linprog(c=[inv, len(objective)],
-                 A_ub=-np.stack([np.ones_like(points), points], axis=1).astype(float),
-                 b_ub=-need.astype(float), bounds=[(None, None), (0.0, 1.0)], method="highs")
-    if not lp.success:
-        raise PlanError(f"no rule covers {members} on [{lo}, {hi}]: {lp.message}")
+    hull = _upper_hull(points, need)
+    slopes = {(need[j] - need[i]) / (points[j] - points[i]) for i, j in zip(hull, hull[1:])}
+    betas = {0.0, 1.0} | {s for s in slopes if 0.0 < s < 1.0}
     best = None
-    for beta_q in {math.floor(lp.x[1] * BETA_SCALE), math.ceil(lp.x[1] * BETA_SCALE)}:
-        beta_q = min(max(beta_q, 0), BETA_SCALE)
+    for beta_q in {q for b in betas for q in (math.floor(b * BETA_SCALE),
+                                             math.ceil(b * BETA_SCALE))}:
         alpha = int(np.max(need - beta_growth(beta_q, points)))
-        cost = sum((alpha + beta_growth(beta_q, n)) / n for n in objective)
-        if best is None or cost < best[0]:
-            best = (cost, alpha, beta_q)
-    _, alpha, beta_q = best
+        beta = beta_q / BETA_SCALE
+        cost = sum(head_density(alpha, beta, n, SINK_TOKENS, MIN_WINDOW, "prompt", GRANULE,
+                                EXACT_FLOOR) for n in objective)
+        if best is None or (cost, beta_q) < best[:2]:
+            best = (cost, beta_q, alpha)
+    _, beta_q, alpha = best
     ours = np.array([window_size(alpha, beta_q, int(p), MIN_WINDOW, EXACT_FLOOR)
                      for p in points])
     assert (ours >= need).all(), (members, alpha, beta_q)
