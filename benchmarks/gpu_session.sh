@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The GPU evidence in one device call: the equal-memory decode step and the kernel
-# benchmark (its head-class rows included), all written under $OUT.
-# The device image has torch and Triton but neither vLLM nor pydantic, and no
-# network. Prepare both here, once, from the repo root:
+# The GPU benchmarks in one run: the equal-memory decode step and the kernel
+# benchmark (its head-class rows included), written under $OUT (default
+# benchmarks/results). For a GPU host with torch and Triton but without vLLM,
+# pydantic or a network. Prepare two folders once, on a machine with this
+# checkout's .venv and a network, from the repo root, and copy them to the host:
 #   mkdir -p .bench_vendor && cp "$(.venv/bin/python -c 'import vllm, os; print(os.path.dirname(vllm.__file__))')"/v1/attention/ops/{triton_unified_attention,triton_attention_helpers}.py .bench_vendor/
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
 #     pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
-# then one device run: `bash benchmarks/gpu_session.sh`, carry [".bench_vendor", ".whl"],
-# timeout_s 540 (about 6 minutes on an H100/H200).
+# Then, on the GPU host, from the repo root: `bash benchmarks/gpu_session.sh`.
 set -euo pipefail
 OUT="${OUT:-benchmarks/results}"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
