@@ -35,6 +35,9 @@ VARIABLES: tuple[EnvVar, ...] = (
            "step (prefill and decode) on vLLM's own attention op over each head's live "
            "blocks; torch: always our torch path (the reference, and a way to rule the "
            "op out)"),
+    EnvVar("MOA_ALLOW_UNTESTED_VLLM", "0",
+           "1: serve MoA on a vLLM release outside the supported range (a warning "
+           "instead of the start-up refusal; its internals are still checked)"),
     EnvVar("MOA_PLAN_CACHE", None,
            "stage cache of `plan search` (default: ~/.cache/moa-vllm/plan-search)"),
     EnvVar("MOA_EVAL_KV_BYTES", str(2 << 30), "KV-cache bytes of each `moa-vllm eval` engine"),
@@ -47,6 +50,7 @@ MOA_STATS_DIR = "MOA_STATS_DIR"
 MOA_KV_LOG = "MOA_KV_LOG"
 MOA_KEEP_ALL_BLOCKS = "MOA_KEEP_ALL_BLOCKS"
 MOA_CPU_ATTN = "MOA_CPU_ATTN"
+MOA_ALLOW_UNTESTED_VLLM = "MOA_ALLOW_UNTESTED_VLLM"
 MOA_PLAN_CACHE = "MOA_PLAN_CACHE"
 MOA_EVAL_KV_BYTES = "MOA_EVAL_KV_BYTES"
 

@@ -90,6 +90,48 @@ def held_blocks(llm, request_id: str) -> dict[int | str, int]:
     }
 
 
+FULL_POOL_PROMPT, FULL_POOL_OUTPUT = 2000, 24
+
+
+def run_full_pool(llm, submitted: int, preempt_every: int = 0) -> dict:
+    """Submit ``submitted`` requests of ``FULL_POOL_PROMPT`` random tokens (more than
+    the pool holds); step until all finish (with
+    ``preempt_every``, preempt the newest running request every that many steps
+    while the pool is full)."""
+    from vllm import SamplingParams
+
+    from moa_vllm.engine.vllm_surface import kv_pool_blocks, preempt_newest
+
+    sched = scheduler(llm)
+    preempted = []
+    original = sched._preempt_request
+    sched._preempt_request = lambda request, *a, **k: (
+        preempted.append(request.request_id), original(request, *a, **k))[1]
+    pool = sched.kv_cache_manager.block_pool
+    free_at_start = pool.get_num_free_blocks()
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0, max_tokens=FULL_POOL_OUTPUT, ignore_eos=True)
+    for i in range(submitted):
+        rng = random.Random(i)
+        tokens = [rng.randrange(100, 40000) for _ in range(FULL_POOL_PROMPT)]
+        engine.add_request(f"full-{i}", {"prompt_token_ids": tokens}, params)
+    peak, outputs = 0, {}
+    for step in range(2000):  # a deadlocked pool stops making progress: bounded
+        if not engine.has_unfinished_requests():
+            break
+        if preempt_every and step % preempt_every == 0 and len(sched.running) >= 6:
+            preempt_newest(sched)  # counted by the wrapper above
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = list(out.outputs[0].token_ids)
+        peak = max(peak, len(sched.running))
+    assert not engine.has_unfinished_requests(), "the pool stopped making progress"
+    assert pool.get_num_free_blocks() == free_at_start  # no leak
+    return {"peak": peak, "preempted": len(preempted), "outputs": outputs,
+            "logged": llm.llm_engine.vllm_config.cache_config.kv_cache_max_concurrency,
+            "pool": kv_pool_blocks(llm.llm_engine.vllm_config)}
+
+
 def serving_smoke_rows(script: str, model_dir, plan, tmp_path) -> tuple[list[dict], str]:
     """``benchmarks/<script> --smoke`` with ``plan`` served as ``moa`` (real
     ``vllm serve`` servers, fp32, eager): the rows of its JSON and its markdown."""
@@ -104,3 +146,13 @@ def serving_smoke_rows(script: str, model_dir, plan, tmp_path) -> tuple[list[dic
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     return (json.loads(out.with_suffix(".json").read_text())["rows"],
             out.with_suffix(".md").read_text())
+
+
+def start_model_free(model_dir, plan=None, tmp_dir=None, backend: str | None = "moa",
+                     **kwargs):
+    """``start_llm`` with ``model_free_worker`` as the worker: vLLM's whole engine but
+    the model's forward, on any vLLM release in the supported range (tests/contacts)."""
+    from model_free_worker import WORKER_CLS
+
+    return start_llm(model_dir, plan, tmp_dir, backend, worker_cls=WORKER_CLS,
+                     distributed_executor_backend="uni", **kwargs)

