@@ -11,13 +11,14 @@ from moa_testing import heterogeneous_plan, start_llm, stop_llm
 
 from moa_vllm.engine import cpu_op
 from moa_vllm.engine.cpu_op import (
+    KVQuant,
     SpanRunBuilder,
     kv_format,
     span_attention,
 )
 from moa_vllm.engine.vllm_surface import cpu_attn_write
 from moa_vllm.oracle import paged_span_attention_reference
-from moa_vllm.paged_kv import KVLayout, cpu_attn_halves
+from moa_vllm.paged_kv import KVLayout, cpu_attn_halves, kv_views
 from moa_vllm.span_mask import LayerSpans, quantize_beta
 
 BS, D, GROUP = 16, 64, 3
@@ -35,38 +36,44 @@ Q_LENS = [1, 130, 1, 300]  # decode rows and prefill chunks, mixed in one batch
 PROMPT_LENS = [650, 400, 100, 1199]
 
 
-def batch_case(seed, spans, q_lens=Q_LENS):
+def batch_case(seed, spans, q_lens=Q_LENS, cache_dtype="auto", block_size=BS):
     """Four requests; token-rows caches for the oracle, the same keys written by
-    vLLM's writer into one cache per KV head for the op."""
-    fmt = kv_format("cpu", torch.float32, BS, D)
+    vLLM's writer into one cache per KV head for the op (an fp8 cache: the oracle
+    reads what the writer stored)."""
+    fmt = kv_format("cpu", torch.float32, block_size, D, cache_dtype)
     assert fmt.layout is KVLayout.CPU_ATTN, fmt
+    quant = KVQuant(cache_dtype)
     g = torch.Generator().manual_seed(seed)
     seq_lens = torch.tensor(SEQ_LENS, dtype=torch.int32)
     prompt_lens = torch.tensor(PROMPT_LENS, dtype=torch.int32)
-    width = int(seq_lens.max()) // BS + 2
+    width = int(seq_lens.max()) // block_size + 2
     num_blocks = 4 * width
     table = torch.randperm(num_blocks, generator=g)[:4 * width].view(4, width).int()
-    kv_rows = torch.randn(num_blocks, len(RULES), BS, 2 * D, generator=g)
-    caches = [torch.zeros(num_blocks, 1, BS, 2 * D) for _ in RULES]
-    slots = torch.arange(num_blocks * BS)
+    kv_rows = torch.randn(num_blocks, len(RULES), block_size, 2 * D, generator=g)
+    storage = torch.uint8 if quant.quantized else torch.float32
+    caches = [torch.zeros(num_blocks, 1, block_size, 2 * D, dtype=storage) for _ in RULES]
+    slots = torch.arange(num_blocks * block_size)
     for h, cache in enumerate(caches):
         k = kv_rows[:, h, :, :D].reshape(-1, 1, D)
         v = kv_rows[:, h, :, D:].reshape(-1, 1, D)
-        cpu_attn_write(k, v, *cpu_attn_halves(cache), slots, fmt.isa)
+        cpu_attn_write(k, v, *cpu_attn_halves(cache), slots, fmt.isa, cache_dtype=cache_dtype)
+        stored_k, stored_v = kv_views(quant.stored(cache), KVLayout.CPU_ATTN)
+        kv_rows[:, h] = torch.cat(quant.dequantize(stored_k[:, 0], stored_v[:, 0],
+                                                   torch.float32), dim=-1)
     qsl = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0).to(torch.int32)
     q = torch.randn(int(qsl[-1]), len(RULES) * GROUP, D, generator=g)
     pl = prompt_lens if spans.elastic == "prompt" else None
-    builder = SpanRunBuilder(spans, {f"h{h}": h for h in range(len(RULES))}, BS, GROUP, D,
-                             torch.float32, fmt.isa)
+    builder = SpanRunBuilder(spans, {f"h{h}": h for h in range(len(RULES))}, block_size, GROUP, D,
+                             torch.float32, fmt.isa, cache_dtype)
     runs = builder.build(table, seq_lens, pl, qsl)
     ref = paged_span_attention_reference(q, kv_rows, table, qsl, seq_lens, spans, 0.125, pl)
     return q, caches, runs, ref, table, seq_lens, qsl
 
 
-def run(q, caches, runs):
+def run(q, caches, runs, quant=KVQuant()):
     out = torch.zeros_like(q)
     span_attention(q, caches, [runs] * len(caches), [f"h{h}" for h in range(len(caches))],
-                   0.125, out)
+                   0.125, out, quant)
     return out
 
 
@@ -84,6 +91,14 @@ def test_vllm_op_matches_oracle(elastic, sinks, granule, floor, q_lens):
         assert len(rule.seq_lens) >= (4 if q_lens != Q_LENS else 6)
         assert rule.query_start_loc[-1] == sum(q_lens)
     assert torch.allclose(run(q, caches, runs), ref, atol=1e-5)
+
+
+def test_vllm_op_matches_oracle_on_an_fp8_cache():
+    """On the fp8 elements vLLM's writer stored, the op computes what the oracle
+    computes in fp32 (the op dequantizes on load; its arithmetic is fp32)."""
+    spans = rules_spans("position", 32, 32)
+    q, caches, runs, ref, *_ = batch_case(7, spans, cache_dtype="fp8", block_size=32)
+    assert torch.allclose(run(q, caches, runs, KVQuant("fp8")), ref, atol=1e-5)
 
 
 def test_vllm_op_never_reads_outside_the_spans():

@@ -57,11 +57,22 @@ def test_full_span_plan_equals_vllm_backend_with_fp8(tiny_dir, tmp):
 
 
 def test_cutting_spans_op_and_torch_paths_agree_on_fp8(tiny_dir, tmp, monkeypatch):
+    """Both paths read the same writer's cache and agree to fp32 rounding on it
+    (``test_cpu_op``), but a key or value that lands within that rounding of an fp8
+    rounding boundary is stored one fp8 step apart on the two paths (vLLM's CPU
+    writer rounds toward zero; the step is 1/8 to 1/16 of the value). Where such
+    elements fall depends on the CPU's fp32 arithmetic, so the bound is the fp8
+    cache's own effect in the same run: the two paths differ by less than fp8
+    differs from the full-precision cache."""
     plan = heterogeneous_plan(tiny_dir, "position", seed=5, sink_tokens=32, granule=32)
     op = engine_run(tiny_dir, tmp, plan, kv_cache_dtype="fp8", block_size=32)
+    full_precision = engine_run(tiny_dir, tmp, plan, block_size=32)
     monkeypatch.setenv("MOA_CPU_ATTN", "torch")
     torch_path = engine_run(tiny_dir, tmp, plan, kv_cache_dtype="fp8", block_size=32)
-    assert_close(op, torch_path, 2e-3)
+    assert op[0] == torch_path[0]
+    fp8_effect = max(abs(x - y) for a, b in zip(op[1], full_precision[1]) for x, y in zip(a, b))
+    paths = max(abs(x - y) for a, b in zip(op[1], torch_path[1]) for x, y in zip(a, b))
+    assert 0 < fp8_effect and paths <= fp8_effect, (paths, fp8_effect)
 
 
 
