@@ -92,9 +92,8 @@ def _shipped_candidates(model: ModelFingerprint) -> list[tuple[Path, Plan]]:
 def _preference(candidate: tuple[Path, Plan]) -> tuple:
     """Of several matching shipped plans: searched before uniform, then the highest
     density budget (the safest for accuracy), then ``DEFAULT_ELASTIC``, then the
-    search's validation score
-    (``excess_vs_uniform``; plans searched before 2026-12-02 carry ``loss_vs_uniform``),
-    then the name."""
+    search's validation score (``excess_vs_uniform``, or ``loss_vs_uniform`` where a
+    plan carries that one), then the name."""
 
     path, plan = candidate
     details = plan.provenance.details
