@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from moa_vllm import __version__, envs
+from moa_vllm.engine import vllm_contacts
 from moa_vllm.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -176,6 +177,10 @@ def test_quickstart_commands_are_all_checked():
     quickstart = section(README.read_text(), "Quickstart")
     fences = re.findall(r"^```(bash.*)$", quickstart, re.M)
     assert fences and set(fences) == {"bash runnable"}
+
+
+def test_vllm_internals_table_is_what_vllm_contacts_renders():
+    assert vllm_contacts.markdown_table() in (ROOT / "docs" / "vllm-internals.md").read_text()
 
 
 def test_readme_environment_table_is_what_envs_renders():

@@ -55,8 +55,9 @@ def test_no_import_cycle():
             visit(m, [])
 
 
-def test_vllm_surface_imports_nothing_of_ours():
-    assert imports(MODULES["moa_vllm.engine.vllm_surface"], top_level_only=False) == set()
+def test_vllm_surface_and_contacts_import_nothing_of_ours():
+    for module in ("moa_vllm.engine.vllm_surface", "moa_vllm.engine.vllm_contacts"):
+        assert imports(MODULES[module], top_level_only=False) == set(), module
 
 
 def test_production_code_does_not_import_the_oracle():

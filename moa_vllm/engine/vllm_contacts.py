@@ -203,7 +203,7 @@ def contact_problems(on_cpu: bool) -> list[str]:
 
 def markdown_table() -> str:
     """The contacts as docs/vllm-internals.md prints them."""
-    header = ["vLLM file", "internal", "MoA uses it to", *(f"vLLM {v}" for v in SUPPORTED)]
+    header = ["vLLM file", "internal", "what MoA does through it", *(f"vLLM {v}" for v in SUPPORTED)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for c in CONTACTS:
         how = dict(c.exercised)
