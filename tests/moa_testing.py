@@ -8,6 +8,8 @@ import os
 import random
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,3 +158,27 @@ def start_model_free(model_dir, plan=None, tmp_dir=None, backend: str | None = "
 
     return start_llm(model_dir, plan, tmp_dir, backend, worker_cls=WORKER_CLS,
                      distributed_executor_backend="uni", **kwargs)
+
+
+@contextmanager
+def running_server(argv: list[str], port: int, log_path: Path, env: dict | None = None):
+    """A server process (``vllm serve`` or ``moa-vllm serve``) on ``port``, its output
+    in ``log_path``; yields once ``/health`` answers, stops it afterwards."""
+    import urllib.request
+
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        try:
+            while True:
+                assert proc.poll() is None, Path(log_path).read_text()[-3000:]
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                    break
+                except OSError:
+                    assert time.time() < deadline, "server did not start"
+                    time.sleep(1)
+            yield
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)

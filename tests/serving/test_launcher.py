@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from moa_testing import heterogeneous_plan
+from moa_testing import heterogeneous_plan, running_server
 from moa_vllm.evaluation.served import free_port
 
 MOA_VLLM = str(Path(sys.executable).parent / "moa-vllm")
@@ -38,31 +38,15 @@ def server(tiny_dir, plan, tmp_path_factory):
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_LOGGING_LEVEL": "INFO"}
     env.pop("MOA_PLAN", None)
     page = 2 * 32 * 2 * 4 * 16  # K+V, head_dim 32, 2 KV heads, fp32, 16 tokens
-    log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen(
-        [MOA_VLLM, "serve", str(tiny_dir), "--plan", str(plan_path),
-         "--served-model-name", MODEL, "--port", str(port), "--dtype", "float32",
-         "--enforce-eager", "--block-size", "16", "--max-model-len", "512",
-         "--max-num-seqs", "4", "--max-num-batched-tokens", "256",
-         "--no-scheduler-reserve-full-isl",
-         "--kv-cache-memory-bytes", str(4 * 40 * page)],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-    deadline = time.time() + 300
-    while True:
-        assert proc.poll() is None, (tmp / "server.log").read_text()[-3000:]
-        try:
-            if client.get("/health").status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.time() < deadline, "server did not start"
-        time.sleep(1)
-    yield client, plan_path, tmp / "server.log"
-    proc.terminate()
-    proc.wait(timeout=60)
-    client.close()
+    argv = [MOA_VLLM, "serve", str(tiny_dir), "--plan", str(plan_path),
+            "--served-model-name", MODEL, "--port", str(port), "--dtype", "float32",
+            "--enforce-eager", "--block-size", "16", "--max-model-len", "512",
+            "--max-num-seqs", "4", "--max-num-batched-tokens", "256",
+            "--no-scheduler-reserve-full-isl",
+            "--kv-cache-memory-bytes", str(4 * 40 * page)]
+    with running_server(argv, port, tmp / "server.log", env), \
+            httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+        yield client, plan_path, tmp / "server.log"
 
 
 def prompt_ids(i: int, n: int) -> list[int]:

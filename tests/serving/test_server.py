@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import time
 import urllib.request
 
 import pytest
+from moa_testing import running_server
 
 from moa_vllm.evaluation.served import VLLM, free_port
 from moa_vllm.plan import load_plan
@@ -32,27 +31,12 @@ def server(smollm2_dir, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in ("MOA_PLAN", "MOA_PLANS_DIR")}
     env.update(PYTHONSAFEPATH="1", VLLM_ENABLE_V1_MULTIPROCESSING="1",
                VLLM_LOGGING_LEVEL="INFO")
-    log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen(
-        [VLLM, "serve", str(smollm2_dir), "--served-model-name", "smollm2",
-         "--attention-backend", "moa", "--port", str(port), "--enforce-eager",
-         "--max-model-len", "4096", "--max-num-seqs", "4",
-         "--kv-cache-memory-bytes", str(512 << 20)],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while True:
-        assert proc.poll() is None, (tmp / "server.log").read_text()[-3000:]
-        try:
-            urllib.request.urlopen(f"{base}/health", timeout=2)
-            break
-        except OSError:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(2)
-    yield base, tmp / "server.log"
-    proc.terminate()
-    proc.wait(timeout=60)
+    argv = [VLLM, "serve", str(smollm2_dir), "--served-model-name", "smollm2",
+            "--attention-backend", "moa", "--port", str(port), "--enforce-eager",
+            "--max-model-len", "4096", "--max-num-seqs", "4",
+            "--kv-cache-memory-bytes", str(512 << 20)]
+    with running_server(argv, port, tmp / "server.log", env):
+        yield f"http://127.0.0.1:{port}", tmp / "server.log"
 
 
 def test_chat_completion_through_moa(server):
