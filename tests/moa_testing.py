@@ -14,6 +14,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+FP32_LOGPROB_ATOL = 2e-3
+"""How far one fp32 model's log-probs may legitimately move between two attention
+paths (or batchings) that sum in different orders: a sum of n terms is exact to
+n * 2**-24 relative in the worst case, 2.4e-4 for the 4096 keys of the longest
+test prompt; log-probs that decide a greedy token lie above -10: 2.4e-3 at most,
+and under 2e-3 with the model's own rounding. Not a bound where a path rounds to a
+coarser type (fp8 caches: bounded by the fp8 cache's own effect in the same run)."""
+
 
 def model_fingerprint(model_dir):
     from transformers import AutoConfig

@@ -21,13 +21,10 @@ from dataclasses import dataclass
 
 SUPPORTED = ("0.32", "0.33")  # vLLM minor releases `make test` exercises
 
-# How a release exercised a contact: a real engine serving requests; every engine
-# layer but the worker (model-free worker, tests/contacts); its shape checked only.
+# How a release exercised a contact (docs/vllm-internals.md): a real engine serving
+# requests; every engine layer but the worker (the model-free worker of
+# tests/contacts); its shape checked at registration only.
 ENGINE, SCHEDULER, SHAPE = "engine", "scheduler", "shape"
-HOW = {ENGINE: "served requests through a real engine",
-       SCHEDULER: "a real engine up to the worker (vLLM's scheduler, KV-cache manager, "
-                  "coordinators and config; the model's layers built but not run)",
-       SHAPE: "its shape checked at registration only"}
 
 
 @dataclass(frozen=True)
@@ -203,7 +200,8 @@ def contact_problems(on_cpu: bool) -> list[str]:
 
 def markdown_table() -> str:
     """The contacts as docs/vllm-internals.md prints them."""
-    header = ["vLLM file", "internal", "what MoA does through it", *(f"vLLM {v}" for v in SUPPORTED)]
+    header = ["vLLM file", "internal", "what MoA does through it",
+              *(f"vLLM {v}" for v in SUPPORTED)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for c in CONTACTS:
         how = dict(c.exercised)

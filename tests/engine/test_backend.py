@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from moa_testing import heterogeneous_plan, start_llm, stop_llm
+from moa_testing import FP32_LOGPROB_ATOL, heterogeneous_plan, start_llm, stop_llm
 from hf_oracle import load_oracle_model, oracle_logprobs
 
 from moa_vllm.plan import uniform_plan
@@ -119,7 +119,7 @@ def assert_engine_matches_oracle(plan, outputs, model_dir) -> None:
     model = load_oracle_model(model_dir)
     for output in outputs:
         engine, oracle, dense = engine_and_oracle_logprobs(plan, output, model)
-        assert torch.allclose(engine, oracle, atol=2e-3, rtol=0), (
+        assert torch.allclose(engine, oracle, atol=FP32_LOGPROB_ATOL, rtol=0), (
             f"{plan.model.architecture}, prompt of {len(output.prompt_token_ids)} tokens: "
             f"max diff {(engine - oracle).abs().max():.2e}"
         )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from moa_testing import heterogeneous_plan, start_llm, stop_llm
+from moa_testing import FP32_LOGPROB_ATOL, heterogeneous_plan, start_llm, stop_llm
 
 from moa_vllm.engine import cpu_op
 from moa_vllm.engine.cpu_op import (
@@ -162,7 +162,7 @@ def test_engine_on_vllm_op_equals_torch_path(op_paths):
     assert calls > 0 and torch_calls == 0
     assert tokens == torch_tokens
     for ours, ref in zip(logprobs, torch_logprobs):
-        assert torch.allclose(torch.tensor(ours), torch.tensor(ref), atol=2e-3)
+        assert torch.allclose(torch.tensor(ours), torch.tensor(ref), atol=FP32_LOGPROB_ATOL)
 
 
 def test_only_whole_block_plans_run_on_vllm_op(monkeypatch):

@@ -79,7 +79,9 @@ def test_cutting_spans_op_and_torch_paths_agree_on_fp8(tiny_dir, tmp, monkeypatc
 def test_long_prefill_chunks_on_fp8_agree_with_the_torch_path(smollm2_dir, tmp, monkeypatch):
     """SmolLM2, the shipped position plan, 2048 tokens of prose in one chunk: the op's
     work split is sized for the fp8 cache (one sized for the model's dtype made most
-    rows NaN here, not on the tiny model)."""
+    rows NaN here, not on the tiny model). The two paths store a near-boundary
+    element one fp8 step apart (see above), so their mean log-prob may differ, by
+    less than the fp8 cache's own effect on it."""
     from vllm import SamplingParams
 
     from moa_vllm.evaluation.tasks import english_text
@@ -90,16 +92,16 @@ def test_long_prefill_chunks_on_fp8_agree_with_the_torch_path(smollm2_dir, tmp, 
     plan = load_plan(packaged_plans_dir() / "smollm2-135m-moa-0.5-position.json")
     ids = AutoTokenizer.from_pretrained(smollm2_dir)(english_text()[:40000])["input_ids"][:2048]
     params = SamplingParams(max_tokens=1, prompt_logprobs=0)
-    logprobs = {}
-    for path in ("vllm", "torch"):
+    mean_logprob = {}
+    for path, cache_dtype in (("vllm", "fp8"), ("torch", "fp8"), ("vllm", "auto")):
         monkeypatch.setenv("MOA_CPU_ATTN", path)
-        llm = start_llm(smollm2_dir, plan, tmp, kv_cache_dtype="fp8", block_size=64,
+        llm = start_llm(smollm2_dir, plan, tmp, kv_cache_dtype=cache_dtype, block_size=64,
                         max_num_batched_tokens=2048, max_model_len=4096)
         out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
-        logprobs[path] = [next(iter(lp.values())).logprob for lp in out.prompt_logprobs[1:]]
+        logprobs = [next(iter(lp.values())).logprob for lp in out.prompt_logprobs[1:]]
         stop_llm(llm)
-    op, reference = logprobs["vllm"], logprobs["torch"]
-    assert all(math.isfinite(x) for x in op)
-    # vLLM's op computes an fp8 cache at lower precision than the torch path (a
-    # tenth of the tokens differ by over 0.1 in log-prob): their perplexities agree
-    assert sum(op) / len(op) == pytest.approx(sum(reference) / len(reference), rel=2e-3)
+        assert all(math.isfinite(x) for x in logprobs)
+        mean_logprob[path, cache_dtype] = sum(logprobs) / len(logprobs)
+    op, reference = mean_logprob["vllm", "fp8"], mean_logprob["torch", "fp8"]
+    fp8_effect = abs(op - mean_logprob["vllm", "auto"])
+    assert abs(op - reference) < fp8_effect, (op, reference, fp8_effect)

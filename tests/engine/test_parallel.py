@@ -9,7 +9,7 @@ gives other results (so a wrong slice would show)."""
 from __future__ import annotations
 
 import pytest
-from moa_testing import model_fingerprint, start_llm, stop_llm
+from moa_testing import FP32_LOGPROB_ATOL, model_fingerprint, start_llm, stop_llm
 
 from moa_vllm.plan import PLAN_VERSION, Plan, Provenance, now_iso
 
@@ -54,7 +54,7 @@ def test_tp2_equals_tp1_and_the_heads_rules_matter(results):
     ids1, lp1 = results["tp1"]
     ids2, lp2 = results["tp2"]
     assert ids2 == ids1
-    assert lp2 == pytest.approx(lp1, abs=1e-3)
+    assert lp2 == pytest.approx(lp1, abs=FP32_LOGPROB_ATOL)
     ids_s, lp_s = results["swapped"]
     assert ids_s != ids1 or max(abs(a - b) for a, b in zip(lp_s, lp1)) > 1e-2
 
@@ -63,4 +63,4 @@ def test_pp2_equals_one_worker(results):
     ids1, lp1 = results["tp1"]
     ids2, lp2 = results["pp2"]
     assert ids2 == ids1
-    assert lp2 == pytest.approx(lp1, abs=1e-3)
+    assert lp2 == pytest.approx(lp1, abs=FP32_LOGPROB_ATOL)

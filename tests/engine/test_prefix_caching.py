@@ -10,7 +10,7 @@ import random
 from pathlib import Path
 
 import pytest
-from moa_testing import scheduler, start_llm, stop_llm
+from moa_testing import FP32_LOGPROB_ATOL, scheduler, start_llm, stop_llm
 
 from moa_vllm.engine.vllm_surface import preempt_newest
 from moa_vllm.evaluation.served import dense_budget_bytes
@@ -92,7 +92,7 @@ def cached(smollm2_dir, plan_path):
 
 def assert_same(run, reference) -> None:
     assert run[0] == reference[0]
-    assert run[1] == pytest.approx(reference[1], abs=2e-3)
+    assert run[1] == pytest.approx(reference[1], abs=FP32_LOGPROB_ATOL)
 
 
 def test_a_shared_prefix_is_reused_past_the_freed_blocks(cached, uncached):

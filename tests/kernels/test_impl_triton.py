@@ -9,7 +9,7 @@ path's engine under chunked prefill."""
 from __future__ import annotations
 
 import pytest
-from moa_testing import heterogeneous_plan, start_llm, stop_llm
+from moa_testing import FP32_LOGPROB_ATOL, heterogeneous_plan, start_llm, stop_llm
 
 from moa_vllm.engine.cpu_op import TOKEN_ROWS_FORMAT
 from moa_vllm.engine.impl import MoaAttentionImpl
@@ -74,7 +74,7 @@ def test_triton_path_in_engine_matches_torch_path(tiny_dir, tmp_path, elastic):
     assert any(s is None for s in splits), "prefill chunks never reached the kernel"
     for (ids_t, lp_t), (ids_k, lp_k) in zip(torch_runs, triton_runs):
         assert ids_k == ids_t
-        assert lp_k == pytest.approx(lp_t, abs=2e-3)
+        assert lp_k == pytest.approx(lp_t, abs=FP32_LOGPROB_ATOL)
 
 
 def test_triton_path_in_engine_reads_an_fp8_cache(tiny_dir, tmp_path):
@@ -88,4 +88,4 @@ def test_triton_path_in_engine_reads_an_fp8_cache(tiny_dir, tmp_path):
     assert any(s is not None and s > 1 for s in splits), "the split-KV decode never ran"
     for (ids_o, lp_o), (ids_k, lp_k) in zip(torch_runs, triton_runs):
         assert ids_k == ids_o
-        assert lp_k == pytest.approx(lp_o, rel=2e-4, abs=2e-3)  # log-probs down to -18
+        assert lp_k == pytest.approx(lp_o, rel=2e-4, abs=FP32_LOGPROB_ATOL)  # down to -18
