@@ -179,6 +179,11 @@ class HeadClassMILP:
                         {"verified": bool(self.verify(choice))})
 
 
+def sweep_solves(objectives: int, grid: int) -> int:
+    """How many MILPs ``pareto_sweep`` solves."""
+    return objectives + (1 + grid ** (objectives - 1) if objectives > 1 else 0)
+
+
 def pareto_sweep(
     program: HeadClassMILP,
     grid: int = 3,
@@ -213,7 +218,7 @@ def pareto_sweep(
             "verified": sol.info.get("verified"),
         })
 
-    total = n_obj + (1 + grid ** (n_obj - 1) if n_obj > 1 else 0)
+    total = sweep_solves(n_obj, grid)
     with tqdm(total=total, desc="MILP solves", disable=not progress, leave=False) as bar:
         def run(name, w, eps=None):
             sol = program.solve(w, eps)

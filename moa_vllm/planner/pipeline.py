@@ -105,6 +105,11 @@ class SearchConfig:
     time_limit: float = _opt(30.0, "seconds per MILP solve")
     mip_rel_gap: float = _opt(5e-3, "relative MIP gap", flag="--mip-gap")
     threads: int | None = _opt(None, "torch threads")
+    device: str = _opt("cpu", "where the model runs (cuda, cuda:1, ...): with --dtype "
+                       "bfloat16 an 8B model's search fits one 80 GB GPU")
+    dtype: str = _opt("float32", "the model's weights and activations (attention effects "
+                      "are computed in fp32 either way)",
+                      choices=["float32", "bfloat16", "float16"])
     work_dir: str | None = _opt(None, "stage cache (default: $MOA_PLAN_CACHE, else "
                                 "~/.cache/moa-vllm/plan-search)")
     progress: bool = _opt(True, "progress bars", flag="--no-progress")
@@ -119,11 +124,14 @@ def _file_id(path: Path) -> list[int]:
     return [st.st_size, int(st.st_mtime)]
 
 
-def _model_id(model_dir: str) -> dict:
+def _model_id(model_dir: str, dtype: str) -> dict:
+    """What every stage's result depends on about the model: its files, and the
+    dtype it runs in unless the default fp32 (so fp32 caches stay valid)."""
     d = Path(model_dir)
     files = {f.name: _file_id(f) for f in sorted(d.iterdir())
              if f.is_file() and f.suffix in (".json", ".safetensors", ".bin")}
-    return {"path": str(d.resolve()), "files": files}
+    key = {"path": str(d.resolve()), "files": files}
+    return key if dtype == "float32" else {**key, "dtype": dtype}
 
 
 def default_samples(length: int) -> int:
@@ -253,7 +261,8 @@ class _Run:
             from moa_vllm.planner import profile as P
 
             with self.cache.timed("load_model"):
-                self._model = P.load_model(self.cfg.model, self.threads)
+                self._model = P.load_model(self.cfg.model, self.threads, self.cfg.device,
+                                           self.cfg.dtype)
         return self._model
 
     @property
@@ -283,7 +292,8 @@ def _start(cfg: SearchConfig) -> _Run:
     import torch
     from transformers import AutoConfig
 
-    fp = fingerprint_from_hf_config(AutoConfig.from_pretrained(cfg.model))
+    hf_config = AutoConfig.from_pretrained(cfg.model)
+    fp = fingerprint_from_hf_config(hf_config)
     threads = cfg.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     dataset = None if cfg.dataset is None else {"path": str(Path(cfg.dataset).resolve()),
@@ -294,7 +304,25 @@ def _start(cfg: SearchConfig) -> _Run:
     lengths = resolve_lengths(cfg, fp.max_position_embeddings)
     log.info("plan search: %s, density %s, profiling %s, validating %s, work dir %s",
              fp.describe(), cfg.density, lengths.profile, lengths.validate, work)
-    return _Run(cfg, fp, StageCache(work), _model_id(cfg.model), data_key, threads, lengths)
+    log.info(estimate(cfg, hf_config, lengths).describe(cfg.device, cfg.dtype))
+    return _Run(cfg, fp, StageCache(work), _model_id(cfg.model, cfg.dtype), data_key, threads,
+                lengths)
+
+
+def estimate(cfg: SearchConfig, hf_config, lengths: SearchLengths):
+    """Peak memory and time of the search (``planner.cost``), before it starts."""
+    import torch
+
+    from moa_vllm.planner.cost import DeviceRates, ModelShape, estimate_search
+    from moa_vllm.planner.milp import sweep_solves
+
+    dtype = getattr(torch, cfg.dtype)
+    return estimate_search(
+        ModelShape.from_hf_config(hf_config), lengths.profile, lengths.samples,
+        lengths.validate, lengths.validate_samples, cfg.max_validate + 2, cfg.answer_tokens,
+        torch.empty(0, dtype=dtype).element_size(), cfg.profile_block,
+        sweep_solves(len(lengths.profile), cfg.pareto_grid), cfg.time_limit,
+        DeviceRates.measure(cfg.device, dtype))
 
 
 def _calibration(run: _Run, length: int, n: int, split: str) -> list:
@@ -512,6 +540,8 @@ def run_search(cfg: SearchConfig) -> Plan:
         "cached_stage_seconds": run.cache.cached_seconds,
         "total_seconds": total,
         "threads": run.threads,
+        "device": cfg.device,
+        "dtype": cfg.dtype,
         "machine": f"{os.cpu_count()} CPUs",
     }
     plan = run.make_plan(rules, choice, details)
