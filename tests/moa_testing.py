@@ -11,6 +11,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,6 +101,30 @@ def held_blocks(llm, request_id: str) -> dict[int | str, int]:
     }
 
 
+def random_tokens(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(100, 40000) for _ in range(n)]
+
+
+def _prefix_prompts(prefix: int = 2048, tail: int = 40) -> SimpleNamespace:
+    """Prompts that share a ``prefix``-token prefix (SmolLM2's vocabulary): ``first``,
+    ``second`` and ``third`` share all of it, ``half`` its first half (the middle
+    blocks MoA frees early), the ``crowd`` runs together; the ``fillers`` fill a
+    pool of three requests past its never-used blocks, so vLLM evicts the oldest
+    freed blocks first (the middle ones MoA freed early) and keeps the sinks and
+    the last spans."""
+    shared = random_tokens(0, prefix)
+    first, second, third = (shared + random_tokens(s, tail) for s in (1, 2, 3))
+    return SimpleNamespace(
+        prefix=prefix, tail=tail, first=first, second=second, third=third,
+        half=shared[:prefix // 2] + random_tokens(4, tail),
+        crowd=[shared + random_tokens(10 + s, tail) for s in range(6)],
+        fillers=[random_tokens(100 + s, n) for s, n in enumerate((prefix, prefix, prefix // 2))])
+
+
+PrefixPrompts = _prefix_prompts()
+
+
 FULL_POOL_PROMPT, FULL_POOL_OUTPUT = 2000, 24
 
 
@@ -122,9 +147,8 @@ def run_full_pool(llm, submitted: int, preempt_every: int = 0) -> dict:
     engine = llm.llm_engine
     params = SamplingParams(temperature=0, max_tokens=FULL_POOL_OUTPUT, ignore_eos=True)
     for i in range(submitted):
-        rng = random.Random(i)
-        tokens = [rng.randrange(100, 40000) for _ in range(FULL_POOL_PROMPT)]
-        engine.add_request(f"full-{i}", {"prompt_token_ids": tokens}, params)
+        engine.add_request(f"full-{i}", {"prompt_token_ids": random_tokens(i, FULL_POOL_PROMPT)},
+                           params)
     peak, outputs = 0, {}
     for step in range(2000):  # a deadlocked pool stops making progress: bounded
         if not engine.has_unfinished_requests():

@@ -6,32 +6,20 @@ memory pressure and under preemption, with no block leaked (SmolLM2, the shipped
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
-from moa_testing import FP32_LOGPROB_ATOL, scheduler, start_llm, stop_llm
+from moa_testing import FP32_LOGPROB_ATOL, PrefixPrompts, scheduler, start_llm, stop_llm
 
 from moa_vllm.engine.vllm_surface import preempt_newest
 from moa_vllm.evaluation.served import dense_budget_bytes
 from moa_vllm.plan import load_plan
 
 PLAN = Path(__file__).resolve().parents[2] / "plans" / "smollm2-135m-moa-0.5.json"
-PREFIX, TAIL, OUTPUT = 2048, 40, 16
-
-
-def tokens(seed: int, n: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(100, 40000) for _ in range(n)]
-
-
-SHARED = tokens(0, PREFIX)
-FIRST, SECOND, THIRD = (SHARED + tokens(s, TAIL) for s in (1, 2, 3))
-HALF = SHARED[:PREFIX // 2] + tokens(4, TAIL)  # needs the middle blocks MoA freed early
-CROWD = [SHARED + tokens(10 + s, TAIL) for s in range(6)]  # share the prefix, run together
-# Fill the pool past its never-used blocks: vLLM evicts the oldest freed blocks
-# first, the middle ones MoA freed early, and keeps the sinks and the last window.
-FILLERS = [tokens(100 + s, n) for s, n in enumerate((PREFIX, PREFIX, PREFIX // 2))]
+PREFIX, TAIL, OUTPUT = PrefixPrompts.prefix, PrefixPrompts.tail, 16
+FIRST, SECOND, THIRD = PrefixPrompts.first, PrefixPrompts.second, PrefixPrompts.third
+HALF = PrefixPrompts.half
+CROWD, FILLERS = PrefixPrompts.crowd, PrefixPrompts.fillers
 
 
 def sampling():
