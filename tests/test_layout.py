@@ -55,6 +55,34 @@ def test_no_import_cycle():
             visit(m, [])
 
 
+SHARED = {"span_mask", "paged_kv", "envs", "plan", "span_classes", "plan_report",
+          "plan_discovery"}
+MAY_IMPORT = {  # layer -> the layers it may import from, lazy imports included
+    "shared": {"shared"},
+    "engine": {"shared", "engine"},
+    "serving": {"shared", "engine", "serving"},
+    "evaluation": {"shared", "engine", "evaluation"},
+    "planner": {"shared", "planner"},
+}
+
+
+def layer(module: str) -> str:
+    """shared, engine, serving, evaluation, planner, or top (may import anything)."""
+    parts = module.split(".")
+    if parts[0] == "moa_kernels":
+        return "engine"  # kernels free of engine knowledge; only the engine calls them
+    if len(parts) > 2 or parts[-1] in MAY_IMPORT:
+        return parts[1]
+    return "shared" if parts[-1] in SHARED or module == "moa_vllm" else "top"
+
+
+def test_imports_run_down_the_layers_lazy_ones_included():
+    wrong = [f"{m} -> {i}" for m, deps in graph(top_level_only=False).items()
+             if layer(m) in MAY_IMPORT for i in deps
+             if layer(i) not in MAY_IMPORT[layer(m)] and i != "moa_vllm"]
+    assert wrong == []
+
+
 def test_vllm_surface_and_contacts_import_nothing_of_ours():
     for module in ("moa_vllm.engine.vllm_surface", "moa_vllm.engine.vllm_contacts"):
         assert imports(MODULES[module], top_level_only=False) == set(), module

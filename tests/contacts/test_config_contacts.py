@@ -42,7 +42,8 @@ def test_routes_attach_only_to_servers_that_serve_moa(monkeypatch):
     import vllm.plugins
     from vllm import envs
 
-    from moa_vllm.engine import engine_plan, registration
+    from moa_vllm import registration
+    from moa_vllm.engine import engine_plan
     from moa_vllm.serving.routes import MoaEndpointPlugin
 
     registration.register()

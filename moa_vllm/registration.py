@@ -1,5 +1,7 @@
 """vLLM general-plugin entry point (``vllm.general_plugins``: ``moa``): runs once
-in every vLLM process, and is the one moment we register anything."""
+in every vLLM process, and is the one moment we register anything. The plugin's
+composition root: it wires the engine's hooks and the server's routes together, so
+it sits above both (``tests/test_layout.py``)."""
 
 from __future__ import annotations
 
