@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from pathlib import Path
 
 import pytest
@@ -28,28 +27,17 @@ from moa_testing import (
     start_model_free,
     stop_llm,
 )
+from published_configs import published_model_dir
 
 from moa_vllm.plan import load_plan
 from moa_vllm.plan_report import density_table
 from moa_vllm.span_classes import cdiv, concurrency
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCE = ROOT / "plans" / "sources" / "meta-llama--Llama-3.2-1B-Instruct" / "config.json"
 PLAN = ROOT / "plans" / "llama-3.2-1b-instruct-moa-converted.json"
 DENSE_REQUESTS, SUBMITTED = 6, 12
 OPTIONS = dict(load_format="dummy", dtype="bfloat16", max_model_len=8192 + 64,
                max_num_batched_tokens=8192 + 64, max_num_seqs=SUBMITTED, block_size=None)
-
-
-def llama_1b_dir(smollm2_dir: Path, tmp: Path) -> Path:
-    """The published configuration with SmolLM2's tokenizer (vocabulary and special
-    tokens: they size the embedding only)."""
-    config = json.loads(SOURCE.read_text())
-    config.update(vocab_size=49152, bos_token_id=1, eos_token_id=2)
-    (tmp / "config.json").write_text(json.dumps(config))
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(smollm2_dir / name, tmp / name)
-    return tmp
 
 
 def identity_layers(monkeypatch) -> None:
@@ -82,7 +70,8 @@ def budget(model_dir: Path) -> int:
 
 @pytest.fixture(scope="module")
 def model_dir(smollm2_dir, tmp_path_factory) -> Path:
-    return llama_1b_dir(smollm2_dir, tmp_path_factory.mktemp("llama-3.2-1b"))
+    return published_model_dir("meta-llama--Llama-3.2-1B-Instruct", smollm2_dir,
+                               tmp_path_factory.mktemp("llama-3.2-1b"))
 
 
 @pytest.fixture(scope="module")
