@@ -229,25 +229,17 @@ def _format_validation_error(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def plan_from_dict(
-    data: Any, source: str = "plan", model: ModelFingerprint | None = None
-) -> Plan:
+def plan_from_dict(data: Any, source: str = "plan") -> Plan:
     """Validate a plan document; raises PlanError with one line naming the field.
 
-    The MoA authors' per-query-head ``{"alphas", "betas"}`` format is converted
-    (``planner.reference_import``, what ``moa-vllm plan import`` runs) when the
-    model's fingerprint is known.
-    """
+    The MoA authors' per-query-head ``{"alphas", "betas"}`` format is not a plan of
+    ours: ``moa-vllm plan import`` converts it once, with its provenance."""
     if not isinstance(data, dict):
         raise PlanError(f"{source}: a plan must be a JSON object")
     if "alphas" in data and "betas" in data and "rules" not in data:
-        if model is None:
-            raise PlanError(f"{source}: the MoA authors' per-query-head format needs the "
-                            f"model to convert it (moa-vllm plan import {source} --model DIR "
-                            "--out plan.json)")
-        from moa_vllm.planner.reference_import import import_reference
-
-        return import_reference(data, model, source={"path": source})
+        raise PlanError(f"{source}: the MoA authors' per-query-head format; convert it "
+                        f"first: moa-vllm plan import {source} --model MODEL_DIR "
+                        "--out plan.json")
     try:
         return Plan.model_validate(data)
     except ValidationError as err:
@@ -255,6 +247,7 @@ def plan_from_dict(
 
 
 def load_plan(path: str | os.PathLike, model: ModelFingerprint | None = None) -> Plan:
+    """The plan in ``path``; with ``model``, one that fits its shape."""
     try:
         text = Path(path).read_text()
     except OSError as err:
@@ -263,7 +256,10 @@ def load_plan(path: str | os.PathLike, model: ModelFingerprint | None = None) ->
         data = json.loads(text, parse_constant=lambda c: float(c))
     except json.JSONDecodeError as err:
         raise PlanError(f"{path}: not valid JSON ({err})") from None
-    return plan_from_dict(data, str(path), model)
+    plan = plan_from_dict(data, str(path))
+    if model is not None:
+        check_plan_fits(plan, model, str(path))
+    return plan
 
 
 def fingerprint_from_hf_config(hf_config: Any) -> ModelFingerprint:

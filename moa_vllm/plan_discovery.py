@@ -16,7 +16,6 @@ from moa_vllm.plan import (
     ModelFingerprint,
     Plan,
     PlanError,
-    check_plan_fits,
     load_plan,
 )
 from moa_vllm.span_classes import average_density
@@ -118,17 +117,14 @@ def resolve_plan(model_dir: str | os.PathLike | None, model: ModelFingerprint,
     ``requested``: the plan the engine was handed in its ``additional_config``."""
     if requested:
         plan = load_plan(requested, model)
-        check_plan_fits(plan, model, str(requested))
         return _resolved(plan, str(requested), "additional_config")
     if env := envs.get(PLAN_ENV):
         plan = load_plan(env, model)
-        check_plan_fits(plan, model, env)
         return _resolved(plan, env, f"${PLAN_ENV}")
     if model_dir is not None:
         local = Path(model_dir) / MODEL_DIR_PLAN
         if local.is_file():
             plan = load_plan(local, model)
-            check_plan_fits(plan, model, str(local))
             return _resolved(plan, str(local), "model directory")
     candidates = _shipped_candidates(model)
     if candidates:

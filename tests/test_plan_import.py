@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from moa_vllm.plan import ModelFingerprint, PlanError, fingerprint_from_hf_config, load_plan
+from moa_vllm.plan import PlanError, fingerprint_from_hf_config, load_plan
 from moa_vllm.planner.reference_import import import_reference, model_context, source_record
 from moa_vllm.span_classes import head_density
 from moa_vllm.span_mask import beta_growth, quantize_beta
@@ -141,23 +141,21 @@ def test_shipped_plans_are_what_the_import_makes(name, plans):
     assert shipped.elastic == "prompt" and shipped.exact_floor == 1024 and shipped.granule == 64
 
 
-def test_authors_file_loads_for_a_known_model_only(tmp_path):
-    """``load_plan`` converts the authors' format with the same import (``$MOA_PLAN``
-    may name their file); without the model it says how to convert it."""
+def test_authors_files_are_imported_not_served():
+    """Given where a plan goes (``$MOA_PLAN``, ``--additional-config``), the authors'
+    file is refused with the command that converts it; the import refuses a model
+    it does not fit, in one line."""
     name = "meta-llama--Llama-3.2-1B-Instruct"
     model = fingerprint_from_hf_config(config(name))
     path = SOURCES / name / "moa_alpha_beta.json"
-    assert load_plan(path, model).rules == load_plan(ROOT / "plans" / SHIPPED[name]).rules
-    with pytest.raises(PlanError, match="moa-vllm plan import"):
-        load_plan(path)
+    with pytest.raises(PlanError, match=r"authors' per-query-head format; convert it first: "
+                                        r"moa-vllm plan import .*moa_alpha_beta.json"):
+        load_plan(path, model)
     wrong = model.model_copy(update={"num_attention_heads": 16, "num_kv_heads": 4})
     with pytest.raises(PlanError, match=r"alphas must be \[16\]\[16\]"):
-        load_plan(path, wrong)
-    short = ModelFingerprint(architecture="LlamaForCausalLM", num_layers=16,
-                             num_attention_heads=32, num_kv_heads=8, head_dim=64,
-                             max_position_embeddings=1024)
+        import_reference(authors(name), wrong)
     with pytest.raises(PlanError, match="must exceed the exact floor"):
-        load_plan(path, short)
+        import_reference(authors(name), model, context=1024)
 
 
 def test_plan_import_and_show_as_a_user_runs_them(tmp_path, capsys):
