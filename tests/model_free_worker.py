@@ -5,7 +5,7 @@ vLLM 0.33's CUDA wheel has no CPU kernels (its CPU worker stops at
 engine can run except the worker. With ``worker_cls`` pointing here, an ``LLM``
 runs vLLM's own front end, platform and config hooks, executor, engine core,
 KV-cache planning, scheduler, KV-cache manager and coordinators, around a worker
-that builds the real model's layers on the meta device (so MoA's KV slot layers
+that builds the real model's layers, weights left unset (so MoA's KV slot layers
 and specs are vLLM's), reports their specs through vLLM's own model runner code,
 and answers each scheduled request with a fixed token as a runner would: a token
 once its prompt (or recomputed history) is complete, none for a prefill chunk.
@@ -57,7 +57,9 @@ class ModelFreeWorker(WorkerBase):
     def load_model(self, *args, **kwargs) -> None:
         from vllm.model_executor.model_loader.utils import initialize_model
 
-        with set_current_vllm_config(self.vllm_config), torch.device("meta"):
+        # On the CPU, not the meta device: vLLM caches layers such as rotary
+        # embeddings across engines, and a later real engine would reuse them.
+        with set_current_vllm_config(self.vllm_config), torch.device("cpu"):
             self.model = initialize_model(vllm_config=self.vllm_config)
 
     def get_model(self):
