@@ -7,7 +7,6 @@ discovery serves them and says which model they were searched on."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
