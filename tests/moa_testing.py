@@ -182,6 +182,18 @@ def serving_smoke_rows(script: str, model_dir, plan, tmp_path) -> tuple[list[dic
             out.with_suffix(".md").read_text())
 
 
+def token_logprobs(outputs) -> list[tuple[list[int], list[float]]]:
+    """Per request: its greedy tokens, and the log-prob of every prompt token after
+    the first and of every generated token (``prompt_logprobs=0, logprobs=0``)."""
+    runs = []
+    for out in outputs:
+        ids = list(out.outputs[0].token_ids)
+        lps = [next(iter(lp.values())).logprob for lp in out.prompt_logprobs[1:]]
+        lps += [lp[t].logprob for lp, t in zip(out.outputs[0].logprobs, ids)]
+        runs.append((ids, lps))
+    return runs
+
+
 def start_model_free(model_dir, plan=None, tmp_dir=None, backend: str | None = "moa",
                      **kwargs):
     """``start_llm`` with ``model_free_worker`` as the worker: vLLM's whole engine but

@@ -9,7 +9,13 @@ path's engine under chunked prefill."""
 from __future__ import annotations
 
 import pytest
-from moa_testing import FP32_LOGPROB_ATOL, heterogeneous_plan, start_llm, stop_llm
+from moa_testing import (
+    FP32_LOGPROB_ATOL,
+    heterogeneous_plan,
+    start_llm,
+    stop_llm,
+    token_logprobs,
+)
 
 from moa_vllm.engine.cpu_op import TOKEN_ROWS_FORMAT
 from moa_vllm.engine.impl import MoaAttentionImpl
@@ -56,13 +62,7 @@ def generate(tiny_dir, plan, tmp, triton: bool, token_rows: bool = False,
             outputs = llm.generate(prompts, params, use_tqdm=False)
         finally:
             stop_llm(llm)
-    runs = []
-    for out in outputs:
-        ids = list(out.outputs[0].token_ids)
-        lps = [next(iter(lp.values())).logprob for lp in out.prompt_logprobs[1:]]
-        lps += [lp[t].logprob for lp, t in zip(out.outputs[0].logprobs, ids)]
-        runs.append((ids, lps))
-    return runs, splits
+    return token_logprobs(outputs), splits
 
 
 @pytest.mark.parametrize("elastic", ["position", "prompt"])

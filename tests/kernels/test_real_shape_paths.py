@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from moa_testing import FP32_LOGPROB_ATOL, start_llm, stop_llm
+from moa_testing import FP32_LOGPROB_ATOL, start_llm, stop_llm, token_logprobs
 from published_configs import published_model_dir
 
 from moa_vllm.plan import fingerprint_from_hf_config, load_plan
@@ -101,13 +101,7 @@ def run(model_dir, plan, tmp, triton: bool) -> tuple[list, dict]:
             outputs = llm.generate(prompts, params, use_tqdm=False)
         finally:
             stop_llm(llm)
-    runs = []
-    for out in outputs:
-        ids = list(out.outputs[0].token_ids)
-        lps = [next(iter(lp.values())).logprob for lp in out.prompt_logprobs[1:]]
-        lps += [lp[t].logprob for lp, t in zip(out.outputs[0].logprobs, ids)]
-        runs.append((ids, lps))
-    return runs, calls
+    return token_logprobs(outputs), calls
 
 
 def test_cpu_op_and_triton_kernel_agree_at_head_size_128(model_dir, plans, tmp_path):
