@@ -29,7 +29,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from moa_vllm.evaluation.machine import provenance, provenance_lines
-    from moa_vllm.evaluation.tasks import is_correct, make_samples
+    from moa_vllm.tasks import is_correct, make_samples
     from moa_vllm.plan import load_plan, uniform_plan
     from moa_vllm.planner.profile import load_model, masked_generate
 

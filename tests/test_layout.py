@@ -55,7 +55,7 @@ def test_no_import_cycle():
             visit(m, [])
 
 
-SHARED = {"span_mask", "paged_kv", "envs", "plan", "span_classes", "plan_report",
+SHARED = {"span_mask", "paged_kv", "envs", "plan", "span_classes", "plan_report", "tasks",
           "plan_discovery"}
 MAY_IMPORT = {  # layer -> the layers it may import from, lazy imports included
     "shared": {"shared"},

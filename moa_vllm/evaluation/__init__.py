@@ -1,2 +1,3 @@
-"""``moa-vllm eval``: ``tasks`` (retrieval prompts, fidelity windows) and ``runner``
-(one engine per method, accuracy, fidelity and KV memory in one report)."""
+"""``moa-vllm eval``: ``runner`` (over the shared ``moa_vllm.tasks``: retrieval prompts,
+fidelity windows): one engine per method, accuracy, fidelity and KV memory in one
+report."""

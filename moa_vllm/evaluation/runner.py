@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from moa_vllm import envs
 from moa_vllm.evaluation.machine import provenance, provenance_lines
-from moa_vllm.evaluation.tasks import english_token_windows, is_correct, make_samples
+from moa_vllm.tasks import english_token_windows, is_correct, make_samples
 from moa_vllm.plan import Plan, fingerprint_from_hf_config, load_plan, uniform_plan
 from moa_vllm.plan_report import density_table
 

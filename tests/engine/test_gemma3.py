@@ -11,7 +11,7 @@ import pytest
 import torch
 from moa_testing import model_fingerprint, start_llm, stop_llm
 
-from moa_vllm.evaluation.tasks import english_text
+from moa_vllm.tasks import english_text
 from moa_vllm.plan_discovery import resolve_plan
 
 TOKENS = 400

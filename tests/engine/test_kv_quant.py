@@ -84,7 +84,7 @@ def test_long_prefill_chunks_on_fp8_agree_with_the_torch_path(smollm2_dir, tmp, 
     less than the fp8 cache's own effect on it."""
     from vllm import SamplingParams
 
-    from moa_vllm.evaluation.tasks import english_text
+    from moa_vllm.tasks import english_text
     from moa_vllm.plan import load_plan
     from moa_vllm.plan_discovery import packaged_plans_dir
     from transformers import AutoTokenizer

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from moa_vllm.evaluation.machine import CHECKOUT, provenance_lines, sha256
 from moa_vllm.evaluation.runner import Method, effective_length, methods_from_args, run_eval
-from moa_vllm.evaluation.tasks import FILLERS, is_correct, make_samples
+from moa_vllm.tasks import FILLERS, is_correct, make_samples
 from moa_vllm.plan import uniform_plan
 
 

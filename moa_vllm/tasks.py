@@ -1,9 +1,11 @@
-"""Long-context tasks generated locally with fixed seeds (no hub): a passkey and a
-needle hidden in one of three fillers (the classic repeated lines, varied
-everyday sentences, real English prose) with one of several wordings,
-LongEval-style "lines" retrieval, and real English text for perplexity /
-fidelity. Every prompt is sized in tokens; samples rotate over fillers and
-wordings, so no figure rests on one kind of text."""
+"""Long-context tasks generated locally with fixed seeds (no hub), shared by
+``moa-vllm eval`` and the plan search's validation: a passkey and a needle hidden
+in one of three fillers (the classic repeated lines, varied everyday sentences,
+real English prose) with one of several wordings; ``recall``, a fact in natural
+text that the prompt's last words start to repeat (completion style: base models
+solve it too); LongEval-style "lines" retrieval; and real English text for
+perplexity / fidelity. Every prompt is sized in tokens; samples rotate over
+fillers and wordings, so no figure rests on one kind of text."""
 
 from __future__ import annotations
 
@@ -166,7 +168,36 @@ def lines(tokenizer, length: int, depth: float, rng: random.Random, variant: int
                   str(values[target]), "lines")
 
 
-TASKS = {"passkey": passkey, "lines": lines, "needle": needle}
+# (fact, the completion lead that repeats its opening words, the key's kind);
+# {key} is the answer
+RECALL_WORDINGS = [
+    ("The pass key is {key}. Remember it. {key} is the pass key.", "The pass key is",
+     "number"),
+    ("For the record, the access code of the archive room is {key}.",
+     "The access code of the archive room is", "number"),
+    ("Her locker at the station was number {key}, painted in white on the door.",
+     "Her locker at the station was number", "number"),
+    ("The keeper of the old lighthouse painted its door {key} last year.",
+     "The keeper of the old lighthouse painted its door", "colour"),
+]
+RECALL_FILLERS = ("everyday", "prose")  # natural text; the repeated lines are no document
+
+
+def recall(tokenizer, length: int, depth: float, rng: random.Random, variant: int = 0) -> Sample:
+    """A fact at ``depth`` of a natural document; the prompt ends with the fact's
+    opening words, which the answer completes. No chat template and no question:
+    what is measured is whether the model can still read the fact, not whether it
+    follows instructions, so a base model that retrieves densely scores here."""
+    kind = RECALL_FILLERS[variant % len(RECALL_FILLERS)]
+    fact, lead, kind_of_key = RECALL_WORDINGS[
+        (variant // len(RECALL_FILLERS)) % len(RECALL_WORDINGS)]
+    key = rng.choice(COLOURS) if kind_of_key == "colour" else str(rng.randint(10000, 99999))
+    body = _fit(tokenizer, "", fact.format(key=key), "\n" + lead, length, depth,
+                filler_text(kind, length, rng))
+    return Sample("recall", length, depth, f"{body}\n{lead}", key, kind)
+
+
+TASKS = {"passkey": passkey, "lines": lines, "needle": needle, "recall": recall}
 
 
 def make_samples(tokenizer, tasks, lengths, depths, samples: int, seed: int = 0) -> list[Sample]:
