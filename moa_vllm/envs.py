@@ -31,10 +31,11 @@ VARIABLES: tuple[EnvVar, ...] = (
            "1: debug switch, free no block (spans still apply): the exactness "
            "reference for freeing, and a way to rule freeing out"),
     EnvVar("MOA_CPU_ATTN", "vllm",
-           "vllm: on CPU, plans whose granule is a multiple of the block size run every "
-           "step (prefill and decode) on vLLM's own attention op over each head's live "
-           "blocks; torch: always our torch path (the reference, and a way to rule the "
-           "op out)"),
+           "read once at engine start: vllm: on CPU, plans whose granule is a multiple "
+           "of the block size run every step (prefill and decode) on vLLM's own attention "
+           "op over each head's live blocks; torch: always our torch path (the reference, "
+           "and a way to rule the op out); triton: MoA's Triton kernel, what CUDA runs "
+           "(on CPU under Triton's interpreter: tests)"),
     EnvVar("MOA_ALLOW_UNTESTED_VLLM", "0",
            "1: serve MoA on a vLLM release outside the supported range (a warning "
            "instead of the start-up refusal; its internals are still checked)"),

@@ -1,5 +1,10 @@
 """The MoA attention backend as vLLM sees it (``--attention-backend moa``).
 
+As vLLM's platforms each have their backend, an engine runs one attention
+implementation, chosen once at start-up (``attention_path``): the Triton kernel
+on CUDA, vLLM's own op on CPU where the plan allows, else the torch path. Its
+impl and metadata builder carry only what that path reads.
+
 vLLM imports it by the path ``vllm_surface.BACKEND_PATH``: keep the two together."""
 
 from __future__ import annotations
@@ -8,6 +13,9 @@ from typing import ClassVar
 
 import torch
 
+from moa_vllm import envs
+from moa_vllm.engine.cpu_op import runs_on_op
+from moa_vllm.engine.engine_plan import EnginePlan
 from moa_vllm.engine.vllm_surface import (
     BACKEND_NAME,
     AttentionBackend,
@@ -16,6 +24,30 @@ from moa_vllm.engine.vllm_surface import (
     get_current_vllm_config,
     kv_block_size,
 )
+
+TRITON, CPU_OP, TORCH = "triton", "cpu_op", "torch"  # the attention implementations
+CHOICES = ("vllm", "torch", "triton")  # MOA_CPU_ATTN's values
+
+
+def choose_path(device_type: str, dtype: torch.dtype, block_size: int, head_size: int,
+                granule: int, cache_dtype: str = "auto") -> str:
+    """``dtype``: the model's; ``cache_dtype``: vLLM's ``kv_cache_dtype``."""
+    choice = envs.get(envs.MOA_CPU_ATTN)
+    if choice not in CHOICES:
+        raise ValueError(f"{envs.MOA_CPU_ATTN} must be one of {', '.join(CHOICES)}")
+    if device_type == "cuda" or choice == "triton":
+        return TRITON
+    if choice == "vllm" and runs_on_op(dtype, block_size, head_size, granule, cache_dtype):
+        return CPU_OP
+    return TORCH
+
+
+def attention_path(vllm_config) -> str:
+    """The implementation this engine runs (its impl and builder ask alike)."""
+    model, cache = vllm_config.model_config, vllm_config.cache_config
+    return choose_path(vllm_config.device_config.device_type, model.dtype, cache.block_size,
+                       model.get_head_size(), EnginePlan.from_config(vllm_config).plan.granule,
+                       cache.cache_dtype)
 
 
 class MoaAttentionBackend(AttentionBackend):
@@ -33,15 +65,15 @@ class MoaAttentionBackend(AttentionBackend):
 
     @staticmethod
     def get_impl_cls():
-        from moa_vllm.engine.impl import MoaAttentionImpl
+        from moa_vllm.engine.impl import IMPLS  # built in the model's config context
 
-        return MoaAttentionImpl
+        return IMPLS[attention_path(get_current_vllm_config())]
 
     @staticmethod
     def get_builder_cls():
-        from moa_vllm.engine.metadata import MoaAttentionMetadataBuilder
+        from moa_vllm.engine.metadata import BUILDERS
 
-        return MoaAttentionMetadataBuilder
+        return BUILDERS[attention_path(get_current_vllm_config())]
 
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list:

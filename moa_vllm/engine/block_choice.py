@@ -16,9 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from moa_vllm import envs
-from moa_vllm.engine.cpu_op import kv_format
+from moa_vllm.engine.cpu_op import on_op
 from moa_vllm.engine.vllm_surface import cpu_attention_isa
-from moa_vllm.paged_kv import KVLayout
 from moa_vllm.plan import PlanError
 
 CANDIDATES = (16, 32, 64, 128, 256)  # multiples of 16: what the backend accepts
@@ -38,11 +37,6 @@ def fits(granule: int, source: str) -> list[int]:
         raise PlanError(f"{source}: the plan's granule ({granule} tokens) is not a multiple "
                         f"of 16, the smallest KV block size MoA serves")
     return sizes
-
-
-def on_op(dtype: torch.dtype, block_size: int, head_size: int) -> bool:
-    """Whether vLLM's CPU op lays these blocks out in the layout MoA reads."""
-    return kv_format("cpu", dtype, block_size, head_size).layout is KVLayout.CPU_ATTN
 
 
 def choose(device_type: str, dtype: torch.dtype, head_size: int, granule: int,

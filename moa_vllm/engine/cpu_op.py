@@ -8,7 +8,8 @@ chunk of dense attention, which vLLM's C++ op runs over its own block layout
 (``KVLayout.CPU_ATTN``: vLLM's writer fills it). A decode row is a run of one; a
 prefill chunk of ``T`` queries is about ``T / granule`` runs, so prefill and decode
 both run on the op, exactly. Where the op's layout is not one we read (AMX, NEON,
-...), caches keep our own layout and every step runs the torch path.
+...), or the plan's queries do not read whole blocks, the backend chooses the torch
+path instead (``backend.attention_path``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 
-from moa_vllm import envs
 from moa_vllm.engine.vllm_surface import (
     CPU_ATTN_PLAIN_ISAS,
     cpu_attention_isa,
@@ -51,6 +51,18 @@ def kv_format(device_type: str, dtype: torch.dtype, block_size: int, head_size: 
         if isa in CPU_ATTN_PLAIN_ISAS:
             return KVFormat(KVLayout.CPU_ATTN, isa)
     return TOKEN_ROWS_FORMAT
+
+
+def on_op(dtype: torch.dtype, block_size: int, head_size: int, cache_dtype: str = "auto") -> bool:
+    """Whether vLLM's CPU op lays these blocks out in the layout MoA reads."""
+    return kv_format("cpu", dtype, block_size, head_size, cache_dtype).layout is KVLayout.CPU_ATTN
+
+
+def runs_on_op(dtype: torch.dtype, block_size: int, head_size: int, granule: int,
+               cache_dtype: str = "auto") -> bool:
+    """Queries read whole blocks (sinks are a multiple of the granule) in a layout the
+    op reads."""
+    return granule % block_size == 0 and on_op(dtype, block_size, head_size, cache_dtype)
 
 
 def cache_format(kv_cache: torch.Tensor, dtype: torch.dtype, cache_dtype: str) -> KVFormat:
@@ -119,15 +131,6 @@ class SpanRunBuilder:
     dtype: torch.dtype
     isa: str
     cache_dtype: str = "auto"  # the op's work split depends on it (fp8 caches)
-
-    @staticmethod
-    def supports(granule: int, block_size: int, kv: KVFormat) -> bool:
-        """Queries read whole blocks (sinks are a multiple of the granule) in a layout
-        the op reads, and ``MOA_CPU_ATTN`` does not ask for the torch path."""
-        path = envs.get(envs.MOA_CPU_ATTN)
-        if path not in ("vllm", "torch"):
-            raise ValueError(f"{envs.MOA_CPU_ATTN} must be 'vllm' or 'torch'")
-        return path == "vllm" and kv.layout is KVLayout.CPU_ATTN and granule % block_size == 0
 
     def build(self, block_table: torch.Tensor, seq_lens: torch.Tensor,
               prompt_lens: torch.Tensor | None, query_start_loc: torch.Tensor) -> SpanRuns:

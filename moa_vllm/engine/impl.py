@@ -2,15 +2,20 @@
 
 Every local KV head of a layer has its own KV-cache slot (its own cache tensor,
 block table and slot mapping: its head class's group); slot 0 is the layer's
-own, the others are read from the forward context. On CUDA one launch of the
-Triton paged-KV kernel (``moa_kernels``) covers the layer: each KV head reads its
-own cache (an offset into the one KV allocation) and its own row of the stacked
-block tables. On CPU, plans whose granule is a multiple of the block size run
-every step on vLLM's own CPU op over each head's compacted block tables
-(``cpu_op``); other plans, and other CPU layouts, take a torch path
-that gathers, per KV head from its own cache, only keys inside that head's span,
-and attends for all heads at once. None ever reads a position outside a span:
-freed blocks are reused by other requests.
+own, the others are read from the forward context. The backend picks one of three
+implementations per engine (``backend.attention_path``):
+
+- ``TritonImpl`` (CUDA): one launch of the Triton paged-KV kernel (``moa_kernels``)
+  covers the layer: each KV head reads its own cache (an offset into the one KV
+  allocation) and its own row of the stacked block tables.
+- ``CpuOpImpl`` (CPU, plans whose granule is a multiple of the block size): every
+  step on vLLM's own CPU op over each head's compacted block tables (``cpu_op``).
+- ``TorchImpl`` (CPU otherwise, or ``MOA_CPU_ATTN=torch``: the reference): gathers,
+  per KV head from its own cache, only keys inside that head's span, and attends
+  for all heads at once.
+
+None ever reads a position outside a span: freed blocks are reused by other
+requests.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moa_vllm.engine.backend import CPU_OP, TORCH, TRITON
 from moa_vllm.engine.cpu_op import (
     TOKEN_ROWS_FORMAT,
     KVFormat,
@@ -26,7 +32,12 @@ from moa_vllm.engine.cpu_op import (
     span_attention,
 )
 from moa_vllm.engine.engine_plan import slot_layer_name
-from moa_vllm.engine.metadata import MoaAttentionMetadata
+from moa_vllm.engine.metadata import (
+    CpuOpMetadata,
+    MoaAttentionMetadata,
+    TorchMetadata,
+    TritonMetadata,
+)
 from moa_vllm.engine.vllm_surface import (
     AttentionImpl,
     AttentionLayer,
@@ -61,6 +72,9 @@ def _span_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch
 
 
 class MoaAttentionImpl(AttentionImpl):
+    """What the three share: the checks, and one KV write per local KV head into
+    its own slot's cache."""
+
     def __init__(
         self,
         num_heads: int,
@@ -111,36 +125,16 @@ class MoaAttentionImpl(AttentionImpl):
         if attn_metadata is None:  # profiling run
             return output
         num_tokens = attn_metadata.num_actual_tokens
-        quant = KVQuant(self.kv_cache_dtype, *kv_scales(layer))
-        if self._triton(query):
-            heads = attn_metadata.layer_heads[layer.layer_name]
-            scales = kv_scale_tensors(layer) if quant.quantized else (None, None)
-            self._forward_triton(query[:num_tokens], quant.stored(kv_cache), attn_metadata,
-                                 heads, output[:num_tokens], *scales)
-            return output
-        slots = list(self._slots(layer, attn_metadata, kv_cache))
-        caches = [kv for _, kv in slots]
-        if attn_metadata.op_runs is not None:
-            span_attention(query[:num_tokens], caches, [md.op_runs for md, _ in slots],
-                           [slot_layer_name(layer.layer_name, j) for j in range(len(slots))],
-                           self.scale, output[:num_tokens], quant)
-            return output
-        self._forward_torch(query[:num_tokens], [quant.stored(c) for c in caches],
-                            [md.block_table for md, _ in slots], attn_metadata,
-                            attn_metadata.layer_heads[layer.layer_name].spans,
-                            output[:num_tokens],
-                            self._cache_format(kv_cache, query.dtype).layout, quant)
+        self._attend(layer, query[:num_tokens], kv_cache, attn_metadata, output[:num_tokens],
+                     KVQuant(self.kv_cache_dtype, *kv_scales(layer)))
         return output
 
-    @staticmethod
-    def _triton(query: torch.Tensor) -> bool:
-        return query.is_cuda
+    def _attend(self, layer, query, kv_cache, attn_metadata, output, quant: KVQuant) -> None:
+        raise NotImplementedError
 
-    def _cache_format(self, kv_cache: torch.Tensor, dtype: torch.dtype) -> KVFormat:
-        """Writer and reader agree: the Triton kernel reads token rows (the CPU
-        interpreter's tests point it at CPU caches too). ``dtype``: the model's."""
-        if self._triton(kv_cache):
-            return TOKEN_ROWS_FORMAT
+    def cache_format(self, kv_cache: torch.Tensor, dtype: torch.dtype) -> KVFormat:
+        """How a slot's cache is laid out and written (writer and reader agree).
+        ``dtype``: the model's."""
         return cache_format(kv_cache, dtype, self.kv_cache_dtype)
 
     def _slots(self, layer, attn_metadata, kv_cache):
@@ -150,24 +144,53 @@ class MoaAttentionImpl(AttentionImpl):
             md, kv, _ = slot_attention_context(slot_layer_name(layer.layer_name, j))
             yield md, kv
 
-    def _forward_triton(self, query, kv_cache, md, heads, output, k_scale=None,
-                        v_scale=None) -> None:
-        """One launch for every KV head of the layer (``heads``: ``LayerHeads``); an
-        fp8 ``kv_cache`` is dequantized on load with the layer's scale tensors."""
-        from moa_kernels import span_attention_paged
+    def do_kv_cache_update(
+        self,
+        layer: AttentionLayer,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        """Each local KV head goes to its own slot's cache, at its group's slots."""
+        quant = KVQuant(self.kv_cache_dtype, *kv_scales(layer))
+        for j in range(self.num_kv_heads):
+            if j == 0:
+                kv, slots = kv_cache, slot_mapping
+            else:
+                _, kv, slots = slot_attention_context(slot_layer_name(layer.layer_name, j))
+            self._write(layer, key[:, j:j + 1], value[:, j:j + 1], kv, slots, quant)
 
-        spans = heads.spans
-        span_attention_paged(
-            query=query, kv_cache=kv_cache, block_table=md.head_tables,
-            query_start_loc=md.query_start_loc, seq_lens=md.seq_lens,
-            alpha=spans.alpha, beta_q=spans.beta_q, sink_tokens=spans.sink_tokens,
-            min_window=spans.min_window, exact_floor=spans.exact_floor,
-            elastic_position=spans.elastic == "position",
-            prompt_lens=md.prompt_lens, scale=self.scale, output=output,
-            max_query_len=md.max_query_len, max_seq_len=md.max_seq_len,
-            head_tables=heads.tables, head_offsets=heads.offsets, granule=spans.granule,
-            num_splits=md.num_splits, k_scale=k_scale, v_scale=v_scale,
-        )
+    def _write(self, layer, key, value, kv_cache, slot_mapping, quant: KVQuant) -> None:
+        """vLLM's CPU writer where the cache is in its op's layout, else ours."""
+        kv_format = self.cache_format(kv_cache, key.dtype)
+        if kv_format.isa is not None:
+            cpu_attn_write(key, value, *cpu_attn_halves(kv_cache), slot_mapping[:key.shape[0]],
+                           kv_format.isa, quant.k_scale, quant.v_scale, quant.cache_dtype)
+        else:
+            self._write_torch(*quant.quantize(key, value), quant.stored(kv_cache), slot_mapping)
+
+    @staticmethod
+    def _write_torch(key, value, kv_cache, slot_mapping) -> None:
+        num_tokens = key.shape[0]
+        slots = slot_mapping[:num_tokens]
+        valid = slots >= 0
+        slots = slots[valid]
+        block_size = kv_cache.shape[2]
+        blocks, offsets = slots // block_size, slots % block_size
+        k_cache, v_cache = kv_views(kv_cache, KVLayout.TOKEN_ROWS)
+        k_cache[blocks, :, offsets] = key[valid].to(k_cache.dtype)  # fp8: rounds here
+        v_cache[blocks, :, offsets] = value[valid].to(v_cache.dtype)
+
+
+class TorchImpl(MoaAttentionImpl):
+    def _attend(self, layer, query, kv_cache, attn_metadata: TorchMetadata, output,
+                quant: KVQuant) -> None:
+        slots = list(self._slots(layer, attn_metadata, kv_cache))
+        self._forward_torch(query, [quant.stored(kv) for _, kv in slots],
+                            [md.block_table for md, _ in slots], attn_metadata,
+                            attn_metadata.layer_spans[layer.layer_name], output,
+                            self.cache_format(kv_cache, query.dtype).layout, quant)
 
     def _forward_torch(self, query, caches, tables, md, spans, output,
                        layout: KVLayout = KVLayout.TOKEN_ROWS,
@@ -200,40 +223,52 @@ class MoaAttentionImpl(AttentionImpl):
                 out = _span_sdpa(query[rows], k, v, allowed, self.scale)
                 output[rows] = out.to(output.dtype)
 
-    def do_kv_cache_update(
-        self,
-        layer: AttentionLayer,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        kv_cache: torch.Tensor,
-        slot_mapping: torch.Tensor,
-    ) -> None:
-        """Each local KV head goes to its own slot's cache, at its group's slots."""
-        quant = KVQuant(self.kv_cache_dtype, *kv_scales(layer))
-        for j in range(self.num_kv_heads):
-            if j == 0:
-                kv, slots = kv_cache, slot_mapping
-            else:
-                _, kv, slots = slot_attention_context(slot_layer_name(layer.layer_name, j))
-            k, v = key[:, j:j + 1], value[:, j:j + 1]
-            if key.is_cuda:
-                reshape_and_cache_cuda(k, v, kv, slots, self.kv_cache_dtype, layer)
-                continue
-            kv_format = self._cache_format(kv, key.dtype)
-            if kv_format.isa is not None:
-                cpu_attn_write(k, v, *cpu_attn_halves(kv), slots[:key.shape[0]], kv_format.isa,
-                               quant.k_scale, quant.v_scale, quant.cache_dtype)
-            else:
-                self._write_torch(*quant.quantize(k, v), quant.stored(kv), slots)
 
-    @staticmethod
-    def _write_torch(key, value, kv_cache, slot_mapping) -> None:
-        num_tokens = key.shape[0]
-        slots = slot_mapping[:num_tokens]
-        valid = slots >= 0
-        slots = slots[valid]
-        block_size = kv_cache.shape[2]
-        blocks, offsets = slots // block_size, slots % block_size
-        k_cache, v_cache = kv_views(kv_cache, KVLayout.TOKEN_ROWS)
-        k_cache[blocks, :, offsets] = key[valid].to(k_cache.dtype)  # fp8: rounds here
-        v_cache[blocks, :, offsets] = value[valid].to(v_cache.dtype)
+class CpuOpImpl(MoaAttentionImpl):
+    def _attend(self, layer, query, kv_cache, attn_metadata: CpuOpMetadata, output,
+                quant: KVQuant) -> None:
+        slots = list(self._slots(layer, attn_metadata, kv_cache))
+        span_attention(query, [kv for _, kv in slots], [md.op_runs for md, _ in slots],
+                       [slot_layer_name(layer.layer_name, j) for j in range(len(slots))],
+                       self.scale, output, quant)
+
+
+class TritonImpl(MoaAttentionImpl):
+    def _attend(self, layer, query, kv_cache, attn_metadata: TritonMetadata, output,
+                quant: KVQuant) -> None:
+        scales = kv_scale_tensors(layer) if quant.quantized else (None, None)
+        self._forward_triton(query, quant.stored(kv_cache), attn_metadata,
+                             attn_metadata.layer_heads[layer.layer_name], output, *scales)
+
+    def _forward_triton(self, query, kv_cache, md, heads, output, k_scale=None,
+                        v_scale=None) -> None:
+        """One launch for every KV head of the layer (``heads``: ``LayerHeads``); an
+        fp8 ``kv_cache`` is dequantized on load with the layer's scale tensors."""
+        from moa_kernels import span_attention_paged
+
+        spans = heads.spans
+        span_attention_paged(
+            query=query, kv_cache=kv_cache, block_table=md.head_tables,
+            query_start_loc=md.query_start_loc, seq_lens=md.seq_lens,
+            alpha=spans.alpha, beta_q=spans.beta_q, sink_tokens=spans.sink_tokens,
+            min_window=spans.min_window, exact_floor=spans.exact_floor,
+            elastic_position=spans.elastic == "position",
+            prompt_lens=md.prompt_lens, scale=self.scale, output=output,
+            max_query_len=md.max_query_len, max_seq_len=md.max_seq_len,
+            head_tables=heads.tables, head_offsets=heads.offsets, granule=spans.granule,
+            num_splits=md.num_splits, k_scale=k_scale, v_scale=v_scale,
+        )
+
+    def cache_format(self, kv_cache: torch.Tensor, dtype: torch.dtype) -> KVFormat:
+        """The kernel reads token rows (under Triton's CPU interpreter too)."""
+        return TOKEN_ROWS_FORMAT
+
+    def _write(self, layer, key, value, kv_cache, slot_mapping, quant: KVQuant) -> None:
+        if key.is_cuda:
+            reshape_and_cache_cuda(key, value, kv_cache, slot_mapping, self.kv_cache_dtype,
+                                   layer)
+        else:  # Triton's CPU interpreter (tests): our writer, token rows
+            super()._write(layer, key, value, kv_cache, slot_mapping, quant)
+
+
+IMPLS = {TORCH: TorchImpl, CPU_OP: CpuOpImpl, TRITON: TritonImpl}

@@ -1,9 +1,13 @@
-"""Per-step attention metadata of the MoA backend and its builder.
+"""Per-step attention metadata of the MoA backend's three implementations, and
+their builders (``backend.attention_path`` picks one per engine).
 
-The builder owns every device tensor the kernels read that is not one of the
-runner's own persistent buffers (the slots' spans, the prompt lengths, the
-stacked block tables of all head classes), so a decode step captured in a CUDA
-graph replays on the values of the current step.
+Every builder stages the prompt lengths in a buffer of its own; each adds only
+what its implementation reads: the torch path each layer's spans, vLLM's CPU op
+its head class's runs, the Triton kernel the stacked block tables of all head
+classes and each layer's head rows and cache offsets. The Triton builder owns
+every device tensor the kernel reads that is not one of the runner's own
+persistent buffers, so a decode step captured in a CUDA graph replays on the
+values of the current step.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import ClassVar
 
 import torch
 
+from moa_vllm.engine.backend import CPU_OP, TORCH, TRITON
 from moa_vllm.engine.cpu_op import SpanRunBuilder, SpanRuns, kv_format
 from moa_vllm.engine.engine_plan import EnginePlan, slot_layer_name, slot_of
 from moa_vllm.engine.vllm_surface import (
@@ -23,11 +28,6 @@ from moa_vllm.engine.vllm_surface import (
     CommonAttentionMetadata,
     bound_kv_cache,
     full_decode_graphs,
-    kv_cache_dtype,
-    local_attention_heads,
-    max_num_seqs,
-    model_dtype,
-    pipeline_parallel_size,
     prompt_lengths,
     tensor_parallel_rank,
 )
@@ -63,7 +63,7 @@ class StackedTables:
             del engines[key]  # engines that are gone
         ref, tables = engines.get(id(vllm_config), (None, None))
         if ref is None or ref() is not vllm_config:
-            tables = cls(num_classes, max_num_seqs(vllm_config), device)
+            tables = cls(num_classes, vllm_config.scheduler_config.max_num_seqs, device)
             engines[id(vllm_config)] = (weakref.ref(vllm_config), tables)
         return tables
 
@@ -90,21 +90,30 @@ class MoaAttentionMetadata:
     prompt_lens: torch.Tensor | None  # [B] int32, elastic="prompt" only
     query_start_loc_cpu: torch.Tensor
     num_reqs: int
+
+
+@dataclass
+class TorchMetadata(MoaAttentionMetadata):
+    layer_spans: Mapping[str, LayerSpans]  # per layer whose KV head 0 is in this group
+
+
+@dataclass
+class CpuOpMetadata(MoaAttentionMetadata):
+    op_runs: SpanRuns  # this class's runs and compacted tables
+
+
+@dataclass
+class TritonMetadata(MoaAttentionMetadata):
     num_splits: int | None  # split-KV segments fixed by the builder; None: kernel's choice
     head_tables: torch.Tensor  # [classes, max_num_seqs, blocks] every class's block table
     layer_heads: Mapping[str, LayerHeads]  # per layer whose KV head 0 is in this group
-    op_runs: SpanRuns | None  # on vLLM's CPU op: this class's runs and compacted tables
 
 
 class MoaAttentionMetadataBuilder(AttentionMetadataBuilder[MoaAttentionMetadata]):
-    """Gives every request its elastic N: positions follow from ``seq_lens`` and the
-    query lengths; prompt lengths come from the runner (see ``vllm_surface``).
-
-    Pure single-token decode batches can be replayed as full CUDA graphs: the
-    kernel's launch depends only on shapes and host integers fixed here, and
-    every tensor it reads is a persistent buffer (the runner's or ours). Mixed
-    batches run with piecewise graphs (attention eager).
-    """
+    """What all three builders share: the check that the group is one head class,
+    the layers' spans, and every request's elastic N (positions follow from
+    ``seq_lens`` and the query lengths; prompt lengths come from the runner, see
+    ``vllm_surface``)."""
 
     _cudagraph_support: ClassVar[AttentionCGSupport] = (
         AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
@@ -116,7 +125,7 @@ class MoaAttentionMetadataBuilder(AttentionMetadataBuilder[MoaAttentionMetadata]
         head_class = served.head_classes[kv_cache_spec.head_class]
         got = {served.class_of(name).index for name in layer_names}
         # a pipeline stage holds the class's slots on its own layers
-        whole = pipeline_parallel_size(vllm_config) == 1
+        whole = vllm_config.parallel_config.pipeline_parallel_size == 1
         if got != {head_class.index} or (whole and len(layer_names) != len(head_class.slots)):
             raise RuntimeError(
                 f"vLLM formed a KV-cache group of {len(layer_names)} slots of head classes "
@@ -125,30 +134,55 @@ class MoaAttentionMetadataBuilder(AttentionMetadataBuilder[MoaAttentionMetadata]
         self.served = served
         self.head_class = head_class.index
         self.num_kv_heads = served.num_local_kv_heads  # the real layers', not the slots'
-        rank = tensor_parallel_rank()
+        self.rank = tensor_parallel_rank()
         self.layer_rules = {  # layers whose own slot (KV head 0) is in this group
-            name: served.layer_spans(slot_of(name)[0], rank).to(device)
+            name: served.layer_spans(slot_of(name)[0], self.rank).to(device)
             for name in layer_names if slot_of(name)[1] == 0
         }
-        self.layer_heads: dict[str, LayerHeads] = {}  # once the caches are bound
-        self.stacked = StackedTables.of_engine(vllm_config, len(served.head_classes), device)
-        self.prompt_lens = torch.zeros(max_num_seqs(vllm_config), dtype=torch.int32,
-                                       device=device)
-        self.span_runs = self._span_run_builder(layer_names, rank)
+        self.prompt_lens = torch.zeros(vllm_config.scheduler_config.max_num_seqs,
+                                       dtype=torch.int32, device=device)
 
-    def _span_run_builder(self, layer_names, rank: int) -> SpanRunBuilder | None:
-        """The class's distinct rules, if attention runs on vLLM's CPU op."""
-        spec, plan = self.kv_cache_spec, self.served.plan
-        dtype = model_dtype(self.vllm_config)
-        kv = kv_format(self.device.type, dtype, spec.block_size, spec.head_size,
-                       kv_cache_dtype(self.vllm_config))
-        if not SpanRunBuilder.supports(plan.granule, spec.block_size, kv):
-            return None
+    def _common(self, cm: CommonAttentionMetadata) -> dict:
+        num_reqs = cm.num_reqs
+        prompt_lens = None
+        if (host_lens := prompt_lengths(cm)) is not None:  # stage them in our buffer
+            prompt_lens = self.prompt_lens[:num_reqs]
+            prompt_lens.copy_(host_lens[:num_reqs], non_blocking=True)
+        return dict(
+            num_actual_tokens=cm.num_actual_tokens,
+            max_query_len=cm.max_query_len,
+            max_seq_len=cm.max_seq_len,
+            query_start_loc=cm.query_start_loc[: num_reqs + 1],
+            seq_lens=cm.seq_lens[:num_reqs],
+            block_table=cm.block_table_tensor[:num_reqs],
+            slot_mapping=cm.slot_mapping,
+            prompt_lens=prompt_lens,
+            query_start_loc_cpu=cm.query_start_loc_cpu[: num_reqs + 1],
+            num_reqs=num_reqs,
+        )
+
+
+class TorchMetadataBuilder(MoaAttentionMetadataBuilder):
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> TorchMetadata:
+        return TorchMetadata(**self._common(common_attn_metadata), layer_spans=self.layer_rules)
+
+
+class CpuOpMetadataBuilder(MoaAttentionMetadataBuilder):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.span_runs = self._span_run_builder(layer_names)
+
+    def _span_run_builder(self, layer_names) -> SpanRunBuilder:
+        """The class's distinct rules and the op's fixed parameters."""
+        spec, plan, config = self.kv_cache_spec, self.served.plan, self.vllm_config
+        dtype, cache_dtype = config.model_config.dtype, config.cache_config.cache_dtype
+        kv = kv_format(self.device.type, dtype, spec.block_size, spec.head_size, cache_dtype)
         rules: dict[tuple[int, int], int] = {}
         rule_of = {}
         for name in layer_names:
             layer, j = slot_of(name)
-            spans = self.served.layer_spans(layer, rank)
+            spans = self.served.layer_spans(layer, self.rank)
             rule = (int(spans.alpha[j]), int(spans.beta_q[j]))
             rule_of[name] = rules.setdefault(rule, len(rules))
         alpha, beta_q = zip(*rules)
@@ -156,9 +190,30 @@ class MoaAttentionMetadataBuilder(AttentionMetadataBuilder[MoaAttentionMetadata]
                                  torch.tensor(beta_q, dtype=torch.int32), plan.sink_tokens,
                                  plan.min_window, plan.elastic, plan.granule,
                                  plan.exact_floor)
-        group = local_attention_heads(self.vllm_config) // self.num_kv_heads
-        return SpanRunBuilder(rules_spans, rule_of, spec.block_size, group, spec.head_size,
-                              dtype, kv.isa, kv_cache_dtype(self.vllm_config))
+        heads = config.model_config.get_num_attention_heads(config.parallel_config)
+        return SpanRunBuilder(rules_spans, rule_of, spec.block_size, heads // self.num_kv_heads,
+                              spec.head_size, dtype, kv.isa, cache_dtype)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> CpuOpMetadata:
+        cm = common_attn_metadata
+        common = self._common(cm)
+        runs = self.span_runs.build(common["block_table"], common["seq_lens"],
+                                    common["prompt_lens"], common["query_start_loc_cpu"])
+        return CpuOpMetadata(**common, op_runs=runs)
+
+
+class TritonMetadataBuilder(MoaAttentionMetadataBuilder):
+    """Pure single-token decode batches can be replayed as full CUDA graphs: the
+    kernel's launch depends only on shapes and host integers fixed here, and
+    every tensor it reads is a persistent buffer (the runner's or ours). Mixed
+    batches run with piecewise graphs (attention eager)."""
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.layer_heads: dict[str, LayerHeads] = {}  # once the caches are bound
+        self.stacked = StackedTables.of_engine(vllm_config, len(self.served.head_classes),
+                                               device)
 
     def _layer_heads(self) -> dict[str, LayerHeads]:
         """Each layer's KV heads: rows of the stacked tables and cache offsets (read
@@ -178,41 +233,16 @@ class MoaAttentionMetadataBuilder(AttentionMetadataBuilder[MoaAttentionMetadata]
                     torch.tensor(offsets, dtype=torch.int64, device=self.device))
         return self.layer_heads
 
-    def build(
-        self,
-        common_prefix_len: int,
-        common_attn_metadata: CommonAttentionMetadata,
-        fast_build: bool = False,
-    ) -> MoaAttentionMetadata:
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> TritonMetadata:
         cm = common_attn_metadata
         num_reqs = cm.num_reqs
-        prompt_lens = None
-        if (host_lens := prompt_lengths(cm)) is not None:  # stage them in our buffer
-            prompt_lens = self.prompt_lens[:num_reqs]
-            prompt_lens.copy_(host_lens[:num_reqs], non_blocking=True)
-        return MoaAttentionMetadata(
-            num_actual_tokens=cm.num_actual_tokens,
-            max_query_len=cm.max_query_len,
-            max_seq_len=cm.max_seq_len,
-            query_start_loc=cm.query_start_loc[: num_reqs + 1],
-            seq_lens=cm.seq_lens[:num_reqs],
-            block_table=cm.block_table_tensor[:num_reqs],
-            slot_mapping=cm.slot_mapping,
-            prompt_lens=prompt_lens,
-            query_start_loc_cpu=cm.query_start_loc_cpu[: num_reqs + 1],
-            num_reqs=num_reqs,
+        return TritonMetadata(
+            **self._common(cm),
             num_splits=self._decode_splits(num_reqs, cm.max_query_len),
             head_tables=self.stacked.stage(self.head_class, cm.block_table_tensor, num_reqs),
             layer_heads=self._layer_heads(),
-            op_runs=self._op_runs(cm, prompt_lens),
         )
-
-    def _op_runs(self, cm, prompt_lens) -> SpanRuns | None:
-        if self.span_runs is None:
-            return None
-        num_reqs = cm.num_reqs
-        return self.span_runs.build(cm.block_table_tensor[:num_reqs], cm.seq_lens[:num_reqs],
-                                    prompt_lens, cm.query_start_loc_cpu[: num_reqs + 1])
 
     def _decode_splits(self, num_reqs: int, max_query_len: int) -> int | None:
         """A graph captured at one length replays at every length, so with full
@@ -222,3 +252,7 @@ class MoaAttentionMetadataBuilder(AttentionMetadataBuilder[MoaAttentionMetadata]
         from moa_kernels import choose_num_splits
 
         return choose_num_splits(num_reqs, self.num_kv_heads, 1, None, self.device)
+
+
+BUILDERS = {TORCH: TorchMetadataBuilder, CPU_OP: CpuOpMetadataBuilder,
+            TRITON: TritonMetadataBuilder}

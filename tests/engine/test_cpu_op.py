@@ -166,12 +166,18 @@ def test_engine_on_vllm_op_equals_torch_path(op_paths):
 
 
 def test_only_whole_block_plans_run_on_vllm_op(monkeypatch):
-    fmt = kv_format("cpu", torch.float32, BS, D)
-    assert SpanRunBuilder.supports(64, BS, fmt) and SpanRunBuilder.supports(16, BS, fmt)
-    assert not SpanRunBuilder.supports(1, BS, fmt)  # token-exact: the torch path
-    assert not SpanRunBuilder.supports(64, BS, kv_format("cuda", torch.float32, BS, D))
+    from moa_vllm.engine.backend import CPU_OP, TORCH, TRITON, choose_path
+
+    def path(granule, device="cpu"):
+        return choose_path(device, torch.float32, BS, D, granule)
+
+    assert path(64) == CPU_OP and path(16) == CPU_OP
+    assert path(1) == TORCH  # token-exact: the torch path
+    assert path(64, "cuda") == TRITON
     monkeypatch.setenv("MOA_CPU_ATTN", "torch")
-    assert not SpanRunBuilder.supports(64, BS, fmt)
+    assert path(64) == TORCH
+    monkeypatch.setenv("MOA_CPU_ATTN", "triton")
+    assert path(64) == TRITON
     monkeypatch.setenv("MOA_CPU_ATTN", "fast")
-    with pytest.raises(ValueError, match="MOA_CPU_ATTN must be 'vllm' or 'torch'"):
-        SpanRunBuilder.supports(64, BS, fmt)
+    with pytest.raises(ValueError, match="MOA_CPU_ATTN must be one of vllm, torch, triton"):
+        path(64)

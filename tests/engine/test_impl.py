@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from moa_vllm.engine.impl import MoaAttentionImpl
+from moa_vllm.engine.impl import TorchImpl
 from moa_vllm.oracle import paged_span_attention_reference
 from moa_vllm.plan import PLAN_VERSION, ModelFingerprint, Plan, Provenance
 from moa_vllm.span_mask import LayerSpans
@@ -53,8 +53,8 @@ def run_torch_path(q, kv, table, qsl, seq_lens, prompt_lens, layer_spans):
         caches.append(cache)
         tables.append(perm[table.long()].int())
     out = torch.zeros_like(q)
-    MoaAttentionImpl._forward_torch(types.SimpleNamespace(scale=0.2), q, caches, tables, md,
-                                    layer_spans, out)
+    TorchImpl._forward_torch(types.SimpleNamespace(scale=0.2), q, caches, tables, md,
+                             layer_spans, out)
     return out
 
 

@@ -1,5 +1,7 @@
-"""The metadata builder in a real engine: what a CUDA graph replays must live in
-buffers that stay put, and hold the values of the current step."""
+"""The metadata builders in a real engine: what a CUDA graph replays must live in
+buffers that stay put, and hold the values of the current step (the Triton path,
+chosen at start-up with ``MOA_CPU_ATTN=triton``: Triton's interpreter on CPU);
+each path's metadata holds only what its implementation reads."""
 
 from __future__ import annotations
 
@@ -7,7 +9,12 @@ import pytest
 import torch
 from moa_testing import heterogeneous_plan, start_llm, stop_llm
 
-from moa_vllm.engine.metadata import MoaAttentionMetadataBuilder
+from moa_vllm.engine.metadata import (
+    CpuOpMetadata,
+    TorchMetadata,
+    TritonMetadata,
+    TritonMetadataBuilder,
+)
 from moa_vllm.engine.engine_plan import slot_of
 
 PROMPT_LENS = [30, 75, 140]
@@ -22,7 +29,7 @@ def builds(tiny_dir, tmp_path_factory):
 
     plan = heterogeneous_plan(tiny_dir, "prompt", seed=5)
     records = []
-    original = MoaAttentionMetadataBuilder.build
+    original = TritonMetadataBuilder.build
 
     def recording_build(self, *args, **kwargs):
         md = original(self, *args, **kwargs)
@@ -31,7 +38,8 @@ def builds(tiny_dir, tmp_path_factory):
         return md
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(MoaAttentionMetadataBuilder, "build", recording_build)
+        mp.setenv("MOA_CPU_ATTN", "triton")
+        mp.setattr(TritonMetadataBuilder, "build", recording_build)
         llm = start_llm(tiny_dir, plan, tmp_path_factory.mktemp("plans"))
         prompts = [TokensPrompt(prompt_token_ids=list(range(7, 7 + n))) for n in PROMPT_LENS]
         llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
@@ -83,3 +91,14 @@ def test_decode_splits_follow_the_batch_not_the_length_under_full_graphs(builds)
         assert builder._decode_splits(2, 7) is None  # prefill: never captured whole
     finally:
         config.cudagraph_mode = saved
+
+
+def test_each_path_metadata_holds_only_its_own_fields():
+    from dataclasses import fields
+
+    def own(cls):
+        return {f.name for f in fields(cls)} - {f.name for f in fields(cls.__mro__[1])}
+
+    assert own(TorchMetadata) == {"layer_spans"}
+    assert own(CpuOpMetadata) == {"op_runs"}  # no stacked tables staged on CPU
+    assert own(TritonMetadata) == {"num_splits", "head_tables", "layer_heads"}

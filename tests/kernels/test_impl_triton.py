@@ -1,6 +1,6 @@
 """The backend's Triton path inside a real vLLM engine. On CPU the engine would
-take the torch path; here ``MoaAttentionImpl`` is pointed at its Triton path
-(the interpreter runs the kernel on CPU tensors), so what CUDA runs — one launch
+take the torch path; here ``MOA_CPU_ATTN=triton`` chooses the Triton path at
+start-up (the interpreter runs the kernel on CPU tensors), so what CUDA runs — one launch
 per layer over the head classes' caches (offsets into vLLM's one KV allocation)
 and the builders' stacked block tables, metadata fields, prompt lengths, the
 builder's split count, output rows — is checked end to end against the torch
@@ -18,7 +18,7 @@ from moa_testing import (
 )
 
 from moa_vllm.engine.cpu_op import TOKEN_ROWS_FORMAT
-from moa_vllm.engine.impl import MoaAttentionImpl
+from moa_vllm.engine.impl import TorchImpl
 
 PROMPT_LENS = [20, 90, 170]
 
@@ -45,12 +45,12 @@ def generate(tiny_dir, plan, tmp, triton: bool, token_rows: bool = False,
 
     with pytest.MonkeyPatch.context() as mp:
         if triton:
-            mp.setattr(MoaAttentionImpl, "_triton", staticmethod(lambda query: True))
+            mp.setenv("MOA_CPU_ATTN", "triton")
             mp.setattr(moa_kernels, "span_attention_paged", recording_kernel)
             # decode splits as under full CUDA graphs: fixed by the batch size
             mp.setattr(metadata, "full_decode_graphs", lambda config: True)
         if token_rows:
-            mp.setattr(MoaAttentionImpl, "_cache_format", lambda self, kv, dtype: TOKEN_ROWS_FORMAT)
+            mp.setattr(TorchImpl, "cache_format", lambda self, kv, dtype: TOKEN_ROWS_FORMAT)
             mp.setenv("MOA_CPU_ATTN", "torch")
         llm = start_llm(tiny_dir, plan, tmp, max_num_batched_tokens=64,  # chunked prefill
                         **options)

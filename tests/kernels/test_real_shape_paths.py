@@ -90,7 +90,7 @@ def run(model_dir, plan, tmp, triton: bool) -> tuple[list, dict]:
         mp.setattr(moa_kernels, "span_attention_paged",
                    counted("triton", moa_kernels.span_attention_paged))
         if triton:
-            mp.setattr(impl.MoaAttentionImpl, "_triton", staticmethod(lambda query: True))
+            mp.setenv("MOA_CPU_ATTN", "triton")
         llm = start_llm(model_dir, plan, tmp, load_format="dummy",
                         hf_overrides=OVERRIDES, block_size=None,
                         max_num_batched_tokens=256, max_model_len=1024)
