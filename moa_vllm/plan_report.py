@@ -24,7 +24,7 @@ from moa_vllm.span_classes import (
 )
 
 REPORT_LENGTHS = (512, 1024, 1536, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
-DEFAULT_BLOCK_SIZE = 16  # vLLM's default block size on CPU and CUDA
+DEFAULT_BLOCK_SIZE = 16  # `plan show`'s unless told; an engine reports its own (/v1/moa/plan)
 
 
 class DensityAt(BaseModel):

@@ -22,6 +22,7 @@ from moa_vllm.engine import block_choice, stats, vllm_surface
 from moa_vllm.engine.kv_cache import MoaSpanSpec
 from moa_vllm.plan import Plan, PlanError, fingerprint_from_hf_config
 from moa_vllm.plan_discovery import prefix_caching_alternative, resolve_plan
+from moa_vllm.plan_report import PlanReport, plan_report
 from moa_vllm.span_classes import (
     HeadClass,
     Slot,
@@ -94,6 +95,12 @@ class EnginePlan:
         heads = rank_kv_heads(self.plan.model.num_kv_heads, self.tp_size, rank)
         return self.plan.layer_spans(layer, slice(heads.start, heads.stop))
 
+    def report(self, block_size: int) -> PlanReport:
+        """What ``/v1/moa/plan`` and ``moa-vllm serve``'s banner say: the plan at the
+        engine's block size, in this engine's head classes."""
+        return plan_report(self.plan, self.source, self.how, block_size,
+                           classes=self.head_classes)
+
     def to_config(self) -> dict:
         """The ``additional_config["moa"]`` entry that carries this record."""
         return {"plan": self.source,
@@ -120,6 +127,12 @@ class EnginePlan:
 
 
 _RECORDS: dict[str, EnginePlan] = {}  # digest -> record, this process's
+
+
+def served_plan(vllm_config) -> EnginePlan | None:
+    """The plan a configured engine serves; None for an engine without MoA."""
+    entry = vllm_surface.moa_config_entry(vllm_config) or {}
+    return EnginePlan.from_config(vllm_config) if entry.get("resolved") else None
 
 
 def served_in_this_process() -> bool:

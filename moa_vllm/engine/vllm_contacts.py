@@ -136,6 +136,12 @@ CONTACTS: tuple[Contact, ...] = (
              "k_scale", "v_scale"), exercised=_CUDA),
     Contact("vllm.plugins:load_endpoint_plugins", "attaches MoA's routes (patched)",
             ("supported_tasks",)),
+    Contact("vllm.engine.arg_utils:AsyncEngineArgs.add_cli_args",
+            "`moa-vllm serve` builds the server's engine config for its banner",
+            ("parser",), exercised=(("0.32", ENGINE), ("0.33", SHAPE))),
+    Contact("vllm.engine.arg_utils:EngineArgs.create_engine_config",
+            "`moa-vllm serve` builds the server's engine config for its banner",
+            ("self", "usage_context"), exercised=(("0.32", ENGINE), ("0.33", SHAPE))),
     Contact("vllm.v1.core.sched.scheduler:Scheduler._preempt_request",
             "tests force preemption", ("self", "request", "timestamp")),
 )

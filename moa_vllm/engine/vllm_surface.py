@@ -672,6 +672,13 @@ def install_endpoint_hook(make_plugin: Callable[[], object],
     plugins._moa_hooked = True
 
 
-def served_vllm_config(engine_client) -> VllmConfig | None:
-    """The config of the engine an endpoint plugin serves (None without one)."""
-    return None if engine_client is None else engine_client.vllm_config
+def server_engine_config(args: list[str]) -> VllmConfig:
+    """The engine config vLLM's OpenAI server builds from its arguments (the
+    server's own options ignored), config hooks included."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    known, _ = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser()).parse_known_args(args)
+    engine_args = AsyncEngineArgs.from_cli_args(known)
+    return engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)

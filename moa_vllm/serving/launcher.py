@@ -1,9 +1,13 @@
 """``moa-vllm serve MODEL [--plan PLAN] [vLLM args...]``: a thin launcher of vLLM's
 own OpenAI server with MoA selected, the plan resolved and checked first, and the
-MoA routes allow-listed. It replaces itself with the server process (``exec``)."""
+MoA routes allow-listed. Its banner reports the densities ``/v1/moa/plan`` will: it
+builds the engine's config from the same arguments, as the server does, so MoA's
+config hook settles the same plan and block size. It replaces itself with the
+server process (``exec``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -11,7 +15,7 @@ import sys
 
 from moa_vllm.plan import PlanError
 from moa_vllm.plan_discovery import resolve_plan
-from moa_vllm.plan_report import DEFAULT_BLOCK_SIZE, banner, plan_report
+from moa_vllm.plan_report import banner
 
 PLUGINS = ("moa", "moa-routes")  # our entry-point names in VLLM_PLUGINS
 CONFIG_FLAG = "--additional-config"
@@ -27,12 +31,26 @@ def plugin_allow_list(current: str | None) -> str | None:
     return ",".join(names)
 
 
-def server_argv(model: str, vllm_args: list[str]) -> list[str]:
-    argv = [sys.executable, "-P", "-m", "vllm.entrypoints.openai.api_server",
-            "--model", model]
+def server_args(model: str, vllm_args: list[str]) -> list[str]:
+    args = ["--model", model]
     if "--attention-backend" not in vllm_args:
-        argv += ["--attention-backend", "moa"]
-    return argv + vllm_args
+        args += ["--attention-backend", "moa"]
+    return args + vllm_args
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """vLLM logs to stdout while it builds a config: stdout stays the banner and
+    (dry run) the command."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def option_value(vllm_args: list[str], flag: str) -> tuple[str | None, list[str]]:
@@ -61,8 +79,9 @@ def with_plan(vllm_args: list[str], plan: str | None) -> tuple[str | None, dict,
 
 
 def serve(model: str, plan: str | None, vllm_args: list[str], dry_run: bool = False) -> None:
-    """Resolve and print the plan, then exec vLLM's server with that plan in its
-    ``--additional-config`` (or, with ``dry_run``, print the command). Raises PlanError."""
+    """Resolve the plan, print it as the engine will serve it, then exec vLLM's server
+    with that plan in its ``--additional-config`` (or, with ``dry_run``, print the
+    command). Raises PlanError."""
     from transformers import AutoConfig
 
     from moa_vllm.plan import fingerprint_from_hf_config
@@ -70,13 +89,17 @@ def serve(model: str, plan: str | None, vllm_args: list[str], dry_run: bool = Fa
     requested, extra, vllm_args = with_plan(vllm_args, plan)
     resolved = resolve_plan(model, fingerprint_from_hf_config(AutoConfig.from_pretrained(model)),
                             os.path.abspath(requested) if requested else None)
-    block_size, _ = option_value(vllm_args, "--block-size")
-    report = plan_report(resolved.plan, resolved.source, resolved.how,
-                         int(block_size or DEFAULT_BLOCK_SIZE))
-    print(banner(report), flush=True)
+    from moa_vllm.engine.engine_plan import served_plan  # vLLM: once the plan is good
+    from moa_vllm.engine.vllm_surface import server_engine_config
+
     extra["moa"] = {"plan": os.path.abspath(resolved.source)}  # the server serves this one
-    argv = server_argv(model, [*vllm_args, CONFIG_FLAG, json.dumps(extra)])
+    args = server_args(model, [*vllm_args, CONFIG_FLAG, json.dumps(extra)])
     os.environ["VLLM_PLUGINS"] = plugin_allow_list(os.environ.get("VLLM_PLUGINS"))
+    with stdout_to_stderr():
+        config = server_engine_config(args)
+    if (served := served_plan(config)) is not None:
+        print(banner(served.report(config.cache_config.block_size)), flush=True)
+    argv = [sys.executable, "-P", "-m", "vllm.entrypoints.openai.api_server", *args]
     if dry_run:
         print(shlex.join(argv))
         return

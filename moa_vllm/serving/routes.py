@@ -10,7 +10,7 @@ import os
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 
 from moa_vllm.plan import Plan, PlanError, load_plan
-from moa_vllm.plan_report import PlanReport, plan_report
+from moa_vllm.plan_report import PlanReport
 
 
 def source_status(source: str, loaded: Plan) -> str:
@@ -55,15 +55,10 @@ class MoaEndpointPlugin:
             REGISTRY._moa_registered = True
 
     async def init_state(self, engine_client, state, args) -> None:
-        from moa_vllm.engine.engine_plan import EnginePlan
-        from moa_vllm.engine.vllm_surface import moa_config_entry, served_vllm_config
+        from moa_vllm.engine.engine_plan import served_plan
 
         state.moa_plan_report = state.moa_plan = None
-        config = served_vllm_config(engine_client)
-        if config is None or not (moa_config_entry(config) or {}).get("resolved"):
+        if engine_client is None or (served := served_plan(engine_client.vllm_config)) is None:
             return
-        served = EnginePlan.from_config(config)
         state.moa_plan = served.plan
-        state.moa_plan_report = plan_report(served.plan, served.source, served.how,
-                                            config.cache_config.block_size,
-                                            classes=served.head_classes)
+        state.moa_plan_report = served.report(engine_client.vllm_config.cache_config.block_size)

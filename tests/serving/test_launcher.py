@@ -186,12 +186,13 @@ def test_launcher_refuses_a_bad_plan_with_one_line(tiny_dir, tmp_path):
 
 
 def dry_run(*argv: str) -> subprocess.CompletedProcess:
-    """``moa-vllm serve --dry-run`` in a process where fastapi cannot be imported:
-    the banner and the command need no server package."""
-    code = ("import sys; sys.modules['fastapi'] = None; from moa_vllm.cli import main; "
-            "sys.exit(main(sys.argv[1:]))")
+    """``moa-vllm serve --dry-run`` in a process where MoA's routes cannot be imported:
+    the banner and the command need no server code of ours (vLLM's config, which the
+    banner is computed from, imports fastapi itself)."""
+    code = ("import sys; sys.modules['moa_vllm.serving.routes'] = None; "
+            "from moa_vllm.cli import main; sys.exit(main(sys.argv[1:]))")
     return subprocess.run([sys.executable, "-P", "-c", code, "serve", *argv, "--dry-run"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)
 
 
 def test_launcher_hands_the_plan_over_in_additional_config(tiny_dir, plan, tmp_path):
@@ -213,3 +214,31 @@ def test_launcher_hands_the_plan_over_in_additional_config(tiny_dir, plan, tmp_p
                    "--additional-config", json.dumps({"moa": {"plan": str(path)}}))
     assert both.returncode == 2 and both.stderr.count("\n") == 1
     assert "give one" in both.stderr
+
+
+def test_banner_reports_the_densities_the_plan_route_serves(tiny_dir, tmp_path):
+    """No --block-size: MoA's config hook picks the engine's block size (not 16 here),
+    and the banner reports the plan at it, as ``/v1/moa/plan`` does for that engine."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from moa_testing import start_llm, stop_llm
+
+    from moa_vllm.plan_report import DEFAULT_BLOCK_SIZE, banner
+    from moa_vllm.serving.routes import MoaEndpointPlugin
+
+    path = tmp_path / "plan.json"
+    heterogeneous_plan(tiny_dir, "position", seed=7, sink_tokens=64, granule=64).save(path)
+    result = dry_run(str(tiny_dir), "--plan", str(path), "--dtype", "float32")
+    assert result.returncode == 0, result.stderr
+    printed = "\n".join(result.stdout.strip().splitlines()[:-1])
+    llm = start_llm(tiny_dir, additional_config={"moa": {"plan": str(path)}}, block_size=None)
+    try:
+        state = SimpleNamespace()
+        engine = SimpleNamespace(vllm_config=llm.llm_engine.vllm_config)
+        asyncio.run(MoaEndpointPlugin().init_state(engine, state, None))
+    finally:
+        stop_llm(llm)
+    route = state.moa_plan_report
+    assert route.block_size != DEFAULT_BLOCK_SIZE
+    assert printed == banner(route)
