@@ -12,12 +12,8 @@ def register() -> None:
     range, or one whose internals MoA touches have moved, nothing is patched and an
     engine that asks for MoA stops before it starts, with one line that says why."""
     from moa_vllm.engine import vllm_surface
-    from moa_vllm.engine.engine_plan import (
-        EnginePlan,
-        configure_engine,
-        extra_slot_names,
-        served_in_this_process,
-    )
+    from moa_vllm.engine.configure import configure_engine, served_in_this_process
+    from moa_vllm.engine.engine_plan import EnginePlan, extra_slot_names
     from moa_vllm.engine.kv_cache import (
         MoaSpanManager,
         MoaSpanSpec,
@@ -32,7 +28,7 @@ def register() -> None:
 
     def spec_for_slot(spec, slot_name, vllm_config):
         return EnginePlan.from_config(vllm_config).spec_for_slot(
-            spec, slot_name, vllm_surface.max_in_flight_tokens(vllm_config))
+            spec, slot_name, vllm_config.max_in_flight_tokens)
 
     vllm_surface.install_platform_hooks(configure_engine)
     vllm_surface.install_kv_slot_hooks(extra_slot_names, spec_for_slot)

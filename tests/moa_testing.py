@@ -135,7 +135,7 @@ def run_full_pool(llm, submitted: int, preempt_every: int = 0) -> dict:
     while the pool is full)."""
     from vllm import SamplingParams
 
-    from moa_vllm.engine.vllm_surface import kv_pool_blocks, preempt_newest
+    from moa_vllm.engine.vllm_surface import preempt_newest
 
     sched = scheduler(llm)
     preempted = []
@@ -163,7 +163,7 @@ def run_full_pool(llm, submitted: int, preempt_every: int = 0) -> dict:
     assert pool.get_num_free_blocks() == free_at_start  # no leak
     return {"peak": peak, "preempted": len(preempted), "outputs": outputs,
             "logged": llm.llm_engine.vllm_config.cache_config.kv_cache_max_concurrency,
-            "pool": kv_pool_blocks(llm.llm_engine.vllm_config)}
+            "pool": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks}
 
 
 def serving_smoke_rows(script: str, model_dir, plan, tmp_path) -> tuple[list[dict], str]:

@@ -22,7 +22,6 @@ from moa_vllm.engine.vllm_surface import (
     AttentionType,
     MultipleOf,
     get_current_vllm_config,
-    kv_block_size,
 )
 
 TRITON, CPU_OP, TORCH = "triton", "cpu_op", "torch"  # the attention implementations
@@ -81,9 +80,9 @@ class MoaAttentionBackend(AttentionBackend):
 
     @classmethod
     def get_preferred_block_size(cls, default_block_size: int) -> int:
-        # The size MoA settled on in the front end (engine_plan.settle_block_size),
+        # The size MoA settled on in the front end (configure.settle_block_size),
         # when vLLM asks again in the executor (CUDA).
-        return kv_block_size(get_current_vllm_config())
+        return get_current_vllm_config().cache_config.block_size
 
     @classmethod
     def supports_head_size(cls, head_size: int) -> bool:

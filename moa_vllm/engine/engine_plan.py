@@ -1,5 +1,6 @@
 """The plan an engine serves: one typed record, resolved and validated once in the
-front end, carried to every engine process in ``VllmConfig.additional_config``.
+front end (``configure``), carried to every engine process in
+``VllmConfig.additional_config``.
 
 Input (``LLM(additional_config=...)`` or ``--additional-config``)::
 
@@ -18,10 +19,9 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from moa_vllm.engine import block_choice, stats, vllm_surface
+from moa_vllm.engine import vllm_surface
 from moa_vllm.engine.kv_cache import MoaSpanSpec
-from moa_vllm.plan import Plan, PlanError, fingerprint_from_hf_config
-from moa_vllm.plan_discovery import prefix_caching_alternative, resolve_plan
+from moa_vllm.plan import Plan
 from moa_vllm.plan_report import PlanReport, plan_report
 from moa_vllm.span_classes import (
     HeadClass,
@@ -32,8 +32,6 @@ from moa_vllm.span_classes import (
     rank_kv_heads,
 )
 from moa_vllm.span_mask import LayerSpans
-
-logger = vllm_surface.logger
 
 SLOT_SUFFIX = ".moa_kv"  # KV head j >= 1 of layer L is the KV-cache layer "L.moa_kv<j>"
 
@@ -111,12 +109,13 @@ class EnginePlan:
 
     @classmethod
     def from_config(cls, vllm_config=None) -> EnginePlan:
-        """The record a config carries (validated once per digest and process)."""
+        """The record a configured engine's config carries (``configure``: the
+        platform hook), parsed once per digest and process."""
         vllm_config = vllm_config or vllm_surface.get_current_vllm_config()
         entry = vllm_surface.moa_config_entry(vllm_config) or {}
-        if "resolved" not in entry:  # a config that skipped the platform hook
-            configure_engine(vllm_config)
-            entry = vllm_surface.moa_config_entry(vllm_config)
+        if "resolved" not in entry:
+            raise RuntimeError("MoA: this engine's config was not configured by MoA's "
+                               "platform hook (attention backend 'moa' not selected?)")
         resolved = entry["resolved"]
         digest = resolved["digest"]
         if digest not in _RECORDS:
@@ -126,124 +125,10 @@ class EnginePlan:
         return _RECORDS[digest]
 
 
-_RECORDS: dict[str, EnginePlan] = {}  # digest -> record, this process's
+_RECORDS: dict[str, EnginePlan] = {}  # digest -> record parsed in this process
 
 
 def served_plan(vllm_config) -> EnginePlan | None:
     """The plan a configured engine serves; None for an engine without MoA."""
     entry = vllm_surface.moa_config_entry(vllm_config) or {}
     return EnginePlan.from_config(vllm_config) if entry.get("resolved") else None
-
-
-def served_in_this_process() -> bool:
-    """Whether an engine configured in this process serves a MoA plan (the API
-    server's front end configures its engine before it builds the app)."""
-    return bool(_RECORDS)
-
-
-def unsupported(vllm_config) -> list[str]:
-    """What the model or the options ask of attention that MoA does not do, found
-    before any engine process starts (the impl checks each layer again)."""
-    model_config = vllm_config.model_config
-    text_config = model_config.hf_text_config
-    problems = []
-    fingerprint = fingerprint_from_hf_config(model_config.hf_config)
-    if not fingerprint.full_layers:  # hybrid models: MoA serves the full layers
-        problems.append(f"the model's own sliding window on every layer "
-                        f"({fingerprint.sliding_window} tokens; --disable-sliding-window "
-                        "serves it with full attention, capped at that length)")
-    if getattr(text_config, "attn_logit_softcapping", None):
-        problems.append("logits soft-capping")
-    if (cache_dtype := vllm_surface.kv_cache_dtype(vllm_config)) != "auto":
-        problems += quantized_cache_problems(vllm_config, cache_dtype)
-    return problems
-
-
-def quantized_cache_problems(vllm_config, cache_dtype: str) -> list[str]:
-    """An fp8 KV cache runs where vLLM's writer stores it: on CUDA devices with
-    native fp8 (MoA's kernel dequantizes on load), on CPUs where vLLM's op holds it."""
-    device = vllm_surface.device_type(vllm_config)
-    if device == "cuda":
-        if vllm_surface.cuda_fp8_supported():
-            return []
-        return [f"kv_cache_dtype={cache_dtype} on this GPU (vLLM's KV writer stores fp8 "
-                "on compute capability 8.9 and above)"]
-    if device != "cpu":
-        return [f"kv_cache_dtype={cache_dtype} on {device} (MoA serves fp8 KV on CUDA and CPU)"]
-    try:
-        vllm_surface.cpu_attention_isa(vllm_surface.model_dtype(vllm_config),
-                                       vllm_surface.kv_block_size(vllm_config),
-                                       vllm_surface.head_size(vllm_config), cache_dtype)
-    except NotImplementedError as err:
-        return [f"kv_cache_dtype={cache_dtype} on this CPU ({err})"]
-    return []
-
-
-def check_quantized_block_size(vllm_config, source: str) -> None:
-    """vLLM's CPU op has no fp8 path for blocks of fewer than 32 tokens."""
-    block_size = vllm_surface.kv_block_size(vllm_config)
-    if (vllm_surface.kv_cache_dtype(vllm_config) != "auto" and block_size % 32
-            and vllm_surface.device_type(vllm_config) == "cpu"):
-        raise PlanError(f"{source}: an fp8 KV cache on CPU needs a KV block size that is a "
-                        f"multiple of 32 (vLLM's op has no fp8 path below that), got "
-                        f"{block_size}; serve a plan whose granule is a multiple of 32")
-
-
-def settle_block_size(vllm_config, plan: Plan, source: str, head_size: int) -> None:
-    """The user's ``--block-size`` if it can serve the plan (else one line why not),
-    or the one MoA picks (``block_choice.choose``), said in the start-up log."""
-    device = vllm_surface.device_type(vllm_config)
-    dtype = vllm_surface.model_dtype(vllm_config)
-    block_size = vllm_surface.kv_block_size(vllm_config)
-    if vllm_surface.user_chose_block_size(vllm_config):
-        block_choice.check_user_choice(block_size, plan.granule, source)
-        if device == "cpu" and (hint := block_choice.op_hint(dtype, block_size, head_size,
-                                                             plan.granule)):
-            logger.warning("MoA: %s", hint)
-        return
-    choice = block_choice.choose(device, dtype, head_size, plan.granule, block_size, source)
-    vllm_surface.set_kv_block_size(vllm_config, choice.size)
-    logger.info("MoA: KV block size %d (no --block-size given; vLLM's default here is %d): "
-                "%s", choice.size, block_size, choice.why)
-
-
-def configure_engine(vllm_config) -> None:
-    """Resolve and validate the plan once, in the process that parses the
-    arguments, and set the engine options MoA needs. Raises PlanError."""
-    model_config = vllm_config.model_config
-    if model_config is None or not vllm_surface.moa_requested(vllm_config):
-        return
-    entry = vllm_surface.moa_config_entry(vllm_config) or {}
-    if "resolved" in entry:
-        return  # already configured (vLLM re-validates copies of the config)
-    if not isinstance(entry, dict) or set(entry) - {"plan"}:
-        raise PlanError(f'additional_config["moa"] takes {{"plan": PATH}}, got {entry!r}')
-    if problems := unsupported(vllm_config):
-        raise PlanError(
-            f"{model_config.model}: MoA attention does not support {'; '.join(problems)}"
-        )
-    fingerprint = fingerprint_from_hf_config(model_config.hf_config)
-    resolved = resolve_plan(model_config.model, fingerprint, entry.get("plan"))
-    record = EnginePlan(resolved.plan, resolved.source, resolved.how,
-                        vllm_surface.tensor_parallel_size(vllm_config))
-    plan = record.plan
-    settle_block_size(vllm_config, plan, record.source, fingerprint.head_dim)
-    check_quantized_block_size(vllm_config, record.source)
-    logger.info("MoA plan %s (from %s): %s, elastic=%s, sinks=%d, %d head classes of %d "
-                "(layer, KV head) slots", record.source, record.how, plan.provenance.method,
-                plan.elastic, plan.sink_tokens, len(record.head_classes),
-                len(record.head_classes[0].slots))
-    if plan.elastic == "prompt":
-        if vllm_surface.disable_prefix_caching(vllm_config):
-            alternative = prefix_caching_alternative(fingerprint)
-            logger.warning(
-                "MoA: prefix caching is DISABLED because the plan uses "
-                "elastic='prompt' (a token's KV then depends on the prompt length, "
-                "so cached blocks are not reusable exactly). To keep prefix caching, "
-                "serve %s", f"the shipped position-elastic plan: --additional-config "
-                f"'{{\"moa\": {{\"plan\": \"{alternative}\"}}}}'" if alternative
-                else "an elastic='position' plan (moa-vllm plan search --elastic position)")
-        vllm_surface.request_prompt_lengths(vllm_config)
-    stats.ensure_stats_dir()  # engine processes started after this inherit it
-    _RECORDS[record.digest] = record
-    vllm_surface.set_moa_config_entry(vllm_config, record.to_config())

@@ -21,9 +21,7 @@ from moa_vllm.engine.vllm_surface import (
     FullAttentionSpec,
     free_block_range,
     is_null_block,
-    kv_pool_blocks,
     logger,
-    max_model_len,
     request_blocks,
 )
 from moa_vllm.span_classes import HeadClass, concurrency
@@ -71,8 +69,8 @@ class MoaSpanSpec(FullAttentionSpec):
         Once sized (vLLM's "maximum concurrency" log): this class's part of the pool
         per request at the concurrency MoA's admission reaches, so the log says how
         many requests really run at once."""
-        length = max_model_len(vllm_config)
-        pool = kv_pool_blocks(vllm_config)
+        length = vllm_config.model_config.max_model_len
+        pool = vllm_config.cache_config.num_gpu_blocks  # None until the engine sizes it
         if pool is None:
             blocks = self.span().peak_blocks(length, self.in_flight_tokens, self.block_size)
             return blocks * self.page_size_bytes

@@ -28,7 +28,6 @@ from moa_vllm.engine.vllm_surface import (
     CommonAttentionMetadata,
     bound_kv_cache,
     full_decode_graphs,
-    prompt_lengths,
     tensor_parallel_rank,
 )
 from moa_vllm.span_mask import LayerSpans
@@ -112,8 +111,8 @@ class TritonMetadata(MoaAttentionMetadata):
 class MoaAttentionMetadataBuilder(AttentionMetadataBuilder[MoaAttentionMetadata]):
     """What all three builders share: the check that the group is one head class,
     the layers' spans, and every request's elastic N (positions follow from
-    ``seq_lens`` and the query lengths; prompt lengths come from the runner, see
-    ``vllm_surface``)."""
+    ``seq_lens`` and the query lengths; prompt lengths come from the runner's R-SWA
+    path, see ``vllm_surface.request_prompt_lengths``)."""
 
     _cudagraph_support: ClassVar[AttentionCGSupport] = (
         AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
@@ -145,7 +144,7 @@ class MoaAttentionMetadataBuilder(AttentionMetadataBuilder[MoaAttentionMetadata]
     def _common(self, cm: CommonAttentionMetadata) -> dict:
         num_reqs = cm.num_reqs
         prompt_lens = None
-        if (host_lens := prompt_lengths(cm)) is not None:  # stage them in our buffer
+        if (host_lens := cm.rswa_prefix_lens) is not None:  # stage them in our buffer
             prompt_lens = self.prompt_lens[:num_reqs]
             prompt_lens.copy_(host_lens[:num_reqs], non_blocking=True)
         return dict(

@@ -275,7 +275,7 @@ def _slot_sized_window_spec(spec: SlidingWindowSpec, backend,
     block size): vLLM unifies unequal pages by growing the smaller pages' block
     size, which would change MoA's blocks. The windowed layer takes fewer tokens
     per block instead, where its backend runs that block size."""
-    block_size = kv_block_size(vllm_config)
+    block_size = vllm_config.cache_config.block_size
     slot_page = spec.page_size_bytes // (spec.num_kv_heads * spec.block_size) * block_size
     if spec.page_size_bytes == slot_page or block_size % spec.num_kv_heads:
         return spec
@@ -360,26 +360,10 @@ def set_moa_config_entry(vllm_config: VllmConfig, entry: dict) -> None:
                                      CONFIG_KEY: entry}
 
 
-def disable_prefix_caching(vllm_config: VllmConfig) -> bool:
-    """Turn prefix caching off; whether it was on."""
-    was_on = bool(vllm_config.cache_config.enable_prefix_caching)
-    vllm_config.cache_config.enable_prefix_caching = False
-    return was_on
-
-
 def request_prompt_lengths(vllm_config: VllmConfig) -> None:
     """Have the model runner hand per-request prompt lengths to attention builders
     (it does so only for R-SWA models: ``rswa_window`` not None)."""
     vllm_config.model_config.model_arch_config.rswa_window = 0
-
-
-def prompt_lengths(common_attn_metadata: CommonAttentionMetadata):
-    """Per-request prompt lengths (a host tensor), or None when not requested."""
-    return common_attn_metadata.rswa_prefix_lens
-
-
-def max_num_seqs(vllm_config: VllmConfig) -> int:
-    return vllm_config.scheduler_config.max_num_seqs
 
 
 def full_decode_graphs(vllm_config: VllmConfig) -> bool:
@@ -403,72 +387,6 @@ def tensor_parallel_rank() -> int:
     from vllm.distributed import get_tensor_model_parallel_rank
 
     return get_tensor_model_parallel_rank()
-
-
-def tensor_parallel_size(vllm_config: VllmConfig) -> int:
-    return vllm_config.parallel_config.tensor_parallel_size
-
-
-def pipeline_parallel_size(vllm_config: VllmConfig) -> int:
-    return vllm_config.parallel_config.pipeline_parallel_size
-
-
-def max_in_flight_tokens(vllm_config: VllmConfig) -> int:
-    """Tokens scheduled but not yet settled: what a recycling manager must hold
-    beyond its window (vLLM's sliding-window admission cap uses the same)."""
-    return vllm_config.max_in_flight_tokens
-
-
-def kv_pool_blocks(vllm_config: VllmConfig) -> int | None:
-    """Blocks in the KV pool; None until the engine has sized it (vLLM's start-up
-    check runs before, its "maximum concurrency" log after)."""
-    return vllm_config.cache_config.num_gpu_blocks
-
-
-def kv_cache_dtype(vllm_config: VllmConfig) -> str:
-    """``--kv-cache-dtype``: ``auto`` (the model's dtype) or an fp8 variant."""
-    return vllm_config.cache_config.cache_dtype
-
-
-def kv_block_size(vllm_config: VllmConfig) -> int:
-    """The block size the platform settled on (ours runs after its config hook)."""
-    return vllm_config.cache_config.block_size
-
-
-def user_chose_block_size(vllm_config: VllmConfig) -> bool:
-    """Whether ``--block-size`` (or ``LLM(block_size=...)``) was given
-    (``config/cache.py``: ``CacheConfig.user_specified_block_size``)."""
-    return vllm_config.cache_config.user_specified_block_size
-
-
-def set_kv_block_size(vllm_config: VllmConfig, block_size: int) -> None:
-    """Choose the block size the user did not, as the platforms' own config hooks do
-    (``platforms/cpu.py`` sets 128 there). On CUDA the executor later asks the
-    backend's ``get_preferred_block_size`` again (``platforms/interface.py``
-    ``update_block_size_for_backend``): ours answers the size set here."""
-    vllm_config.cache_config.block_size = block_size
-
-
-def device_type(vllm_config: VllmConfig) -> str:
-    """``cpu``, ``cuda``, ... (``config/device.py``: ``DeviceConfig.device_type``)."""
-    return vllm_config.device_config.device_type
-
-
-def model_dtype(vllm_config: VllmConfig) -> torch.dtype:
-    return vllm_config.model_config.dtype
-
-
-def head_size(vllm_config: VllmConfig) -> int:
-    return vllm_config.model_config.get_head_size()
-
-
-def local_attention_heads(vllm_config: VllmConfig) -> int:
-    """Query heads of one tensor-parallel rank."""
-    return vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
-
-
-def max_model_len(vllm_config: VllmConfig) -> int:
-    return vllm_config.model_config.max_model_len
 
 
 # -- KV-cache manager internals ----------------------------------------------

@@ -43,15 +43,15 @@ def test_routes_attach_only_to_servers_that_serve_moa(monkeypatch):
     from vllm import envs
 
     from moa_vllm import registration
-    from moa_vllm.engine import engine_plan
+    from moa_vllm.engine import configure
     from moa_vllm.serving.routes import MoaEndpointPlugin
 
     registration.register()
     monkeypatch.delenv("VLLM_PLUGINS", raising=False)
     monkeypatch.setattr(envs, "VLLM_PLUGINS", None, raising=False)
-    monkeypatch.setattr(engine_plan, "_RECORDS", {})
+    monkeypatch.setattr(configure, "_configured_here", False)
     assert vllm.plugins.load_endpoint_plugins(("generate",)) == []
-    monkeypatch.setattr(engine_plan, "_RECORDS", {"digest": object()})
+    monkeypatch.setattr(configure, "_configured_here", True)
     (plugin,) = vllm.plugins.load_endpoint_plugins(("generate",))
     assert isinstance(plugin, MoaEndpointPlugin)
     monkeypatch.setattr(envs, "VLLM_PLUGINS", ["other"], raising=False)
