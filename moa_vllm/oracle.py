@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from moa_vllm.paged_kv import gather_kv
-from moa_vllm.span_mask import LayerSpans, elastic_lengths
+from moa_vllm.span_mask import LayerSpans, elastic_lengths, masked_attention
 
 
 def span_attention(
@@ -23,16 +23,8 @@ def span_attention(
     scale: float,
 ) -> torch.Tensor:
     """Masked attention of one request in fp32: q ``[Tq, H, D]``, k/v ``[Tk, Hkv, D]``."""
-    num_tokens, num_heads, head_size = q.shape
-    num_kv_heads = k.shape[1]
-    group = num_heads // num_kv_heads
-    qf = q.float().view(num_tokens, num_kv_heads, group, head_size)
-    scores = torch.einsum("tkgd,skd->kgts", qf, k.float()) * scale
-    allowed = spans.mask(q_pos, k_pos, n)[:, None]  # [Hkv, 1, Tq, Tk]
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("kgts,skd->tkgd", probs, v.float())
-    return out.reshape(num_tokens, num_heads, head_size)
+    allowed = spans.mask(q_pos, k_pos, n)  # [Hkv, Tq, Tk]
+    return masked_attention(q.float(), k.float(), v.float(), allowed, scale)
 
 
 def paged_span_attention_reference(

@@ -1,5 +1,6 @@
 """The exact MoA mask: the one definition used by the oracle, the kernels, the
-planner and the KV-cache manager.
+planner and the KV-cache manager; and ``masked_attention``, the one attention under
+it in torch (the oracle, the engine's torch path, the planner's masked forward).
 
 A query at absolute position ``t`` attends to key ``j`` iff ``j <= t`` and
 (``j < sink_tokens`` or ``j >= start``) with
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 BETA_SCALE = 4096
 """Resolution of ``beta``: ``beta`` is applied as ``beta_q / BETA_SCALE``."""
@@ -147,3 +149,18 @@ class LayerSpans:
         start = first_needed_position(first_query, widest, self.sink_tokens, self.granule)
         sinks = torch.arange(min(self.sink_tokens, seq_len))
         return torch.cat([sinks, torch.arange(min(start, seq_len), seq_len)])
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """q ``[Tq, H, D]``, k/v ``[Tk, Hkv, D]``, allowed ``[Hkv, Tq, Tk]`` -> ``[Tq, H, D]``,
+    in the inputs' dtype. PyTorch's fused attention with the mask (3-4x einsums on
+    CPU); a query that may read no key gets NaN."""
+    tq, num_heads, head_size = q.shape
+    hkv = k.shape[1]
+    group = num_heads // hkv
+    qh = q.reshape(tq, hkv, group, head_size).permute(1, 2, 0, 3)
+    kh = k.permute(1, 0, 2)[:, None].expand(-1, group, -1, -1)
+    vh = v.permute(1, 0, 2)[:, None].expand(-1, group, -1, -1)
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed[:, None], scale=scale)
+    return out.permute(2, 0, 1, 3).reshape(tq, num_heads, head_size)

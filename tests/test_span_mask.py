@@ -10,6 +10,7 @@ from moa_vllm.span_mask import (
     FULL_WINDOW,
     LayerSpans,
     first_needed_position,
+    masked_attention,
     quantize_beta,
     window_size,
 )
@@ -127,3 +128,15 @@ def test_exact_floor_reads_every_key_up_to_it_and_the_rules_beyond(elastic):
             assert not torch.equal(rules[:, exact], causal[:, exact])
     assert window_size(3, 0, 40, 2, exact_floor=40) == FULL_WINDOW
     assert window_size(3, 0, 41, 2, exact_floor=40) == 3
+
+
+def test_masked_attention_is_softmax_over_the_allowed_keys():
+    """The one masked attention (oracle, torch path) against the formula."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(s, h, 16, generator=g) for s, h in ((5, 6), (9, 2), (9, 2)))
+    allowed = torch.rand(2, 5, 9, generator=g) < 0.6
+    allowed[:, :, 0] = True  # every query reads some key
+    scores = torch.einsum("tkgd,skd->kgts", q.view(5, 2, 3, 16), k) * 0.3
+    probs = torch.softmax(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
+    expected = torch.einsum("kgts,skd->tkgd", probs, v).reshape(5, 6, 16)
+    assert torch.allclose(masked_attention(q, k, v, allowed, 0.3), expected, atol=1e-6)

@@ -21,7 +21,6 @@ requests.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from moa_vllm.engine.backend import CPU_OP, TORCH, TRITON
 from moa_vllm.engine.cpu_op import (
@@ -49,26 +48,10 @@ from moa_vllm.engine.vllm_surface import (
     slot_attention_context,
 )
 from moa_vllm.paged_kv import KVLayout, cpu_attn_halves, gather_kv, kv_views
-from moa_vllm.span_mask import elastic_lengths
+from moa_vllm.span_mask import elastic_lengths, masked_attention
 
 
 TORCH_QUERY_TILE = 256  # long prefill chunks: each tile reads only its own window
-
-
-def _span_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
-               scale: float) -> torch.Tensor:
-    """q ``[Tq, H, D]``, k/v ``[Tk, Hkv, D]``, allowed ``[Hkv, Tq, Tk]`` -> ``[Tq, H, D]``.
-
-    PyTorch's fused CPU attention with the span mask (3-4x the oracle's einsums);
-    no row is empty, since every query reads itself."""
-    tq, num_heads, head_size = q.shape
-    hkv = k.shape[1]
-    group = num_heads // hkv
-    qh = q.reshape(tq, hkv, group, head_size).permute(1, 2, 0, 3)
-    kh = k.permute(1, 0, 2)[:, None].expand(-1, group, -1, -1)
-    vh = v.permute(1, 0, 2)[:, None].expand(-1, group, -1, -1)
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed[:, None], scale=scale)
-    return out.permute(2, 0, 1, 3).reshape(tq, num_heads, head_size)
 
 
 class MoaAttentionImpl(AttentionImpl):
@@ -220,7 +203,7 @@ class TorchImpl(MoaAttentionImpl):
                 k, v = quant.dequantize(torch.cat([k for k, _ in kv], dim=1),
                                         torch.cat([v for _, v in kv], dim=1), query.dtype)
                 rows = slice(starts[i] + lo, starts[i] + hi)
-                out = _span_sdpa(query[rows], k, v, allowed, self.scale)
+                out = masked_attention(query[rows], k, v, allowed, self.scale)
                 output[rows] = out.to(output.dtype)
 
 
