@@ -11,16 +11,15 @@ import typing
 from pathlib import Path
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
 def _parser_type(hint):
     """argparse ``type`` of a ``SearchConfig`` field: ``X | None`` reads as ``X``,
-    ``list[int]`` as comma-separated integers."""
+    ``list[X]`` as comma-separated values."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
-    return _ints if typing.get_origin(hint) is list else hint
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return lambda text: [item(x) for x in text.split(",") if x]
+    return hint
 
 
 def cmd_plan_search(args) -> None:
@@ -33,10 +32,17 @@ def cmd_plan_search(args) -> None:
     cfg = SearchConfig(**{name: getattr(args, name) for name in names})
     plan = run_search(cfg)
     d = plan.provenance.details
-    print(f"wrote {cfg.out} in {d['total_seconds']} s")
+    print(f"wrote {cfg.out} at density {d['density']} in {d['total_seconds']} s")
     for n, v in d["validation"]["per_length"].items():
         print(f"  validation loss at {n} tokens: {v['chosen_loss']:.4f} (uniform window "
               f"{v['uniform_loss']:.4f}, dense {v['dense_loss']:.4f})")
+    r = d["retrieval"]
+    for step in r["sweep"]:
+        window = (f" (its uniform window: {step['uniform_solved']})"
+                  if "uniform_solved" in step else "")
+        print(f"  density {step['density']}: recalls {step['solved']} of the "
+              f"{r['dense_solved']} prompts dense recalls{window}, of {r['prompts']} at "
+              f"{r['lengths']} tokens")
 
 
 def add_search_parser(plan_subparsers) -> None:
@@ -58,7 +64,8 @@ def add_search_parser(plan_subparsers) -> None:
             meta["default"] = f.default_factory()
         else:
             meta["required"] = True
-        meta.setdefault("type", _parser_type(hints[f.name]))
+        if "type" not in meta:  # a field with its own parser keeps it
+            meta["type"] = _parser_type(hints[f.name])
         p.add_argument(flag, dest=f.name, **meta)
     p.set_defaults(func=cmd_plan_search)
 

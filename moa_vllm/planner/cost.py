@@ -171,9 +171,11 @@ class SearchEstimate:
 def estimate_search(shape: ModelShape, profile: list[int], samples: list[int],
                     validate: list[int], validate_samples: list[int], plans_validated: int,
                     answer_tokens: int, dtype_bytes: int, block: int, milp_solves: int,
-                    milp_time_limit: float, rates: DeviceRates) -> SearchEstimate:
+                    milp_time_limit: float, rates: DeviceRates,
+                    retrieval_prompts: int = 0) -> SearchEstimate:
     """Peak memory (profiling, or an answer at a validation length) and time of
-    every stage."""
+    every stage; ``retrieval_prompts``: recall prompts scored per validation length,
+    over every plan (one forward each)."""
     peaks = {f"profiling {t} tokens": profile_bytes(shape, t, dtype_bytes, answer_tokens, block)
              for t in profile}
     peaks.update({f"an answer of {t} tokens": answer_bytes(shape, t, dtype_bytes)
@@ -190,8 +192,9 @@ def estimate_search(shape: ModelShape, profile: list[int], samples: list[int],
     profiling = sum(n * secs(*profile_work(shape, t)) for t, n in zip(profile, samples))
     validation = sum(n * plans_validated * forward_flops(shape, t)
                      for t, n in zip(validate, validate_samples))
+    retrieval = sum(retrieval_prompts * forward_flops(shape, t) for t in validate)
     return SearchEstimate(
         peak_bytes=sum(peaks[stage].values()), peak_stage=stage, peak_parts=peaks[stage],
         seconds={"calibration": calibration, "profiling": profiling,
-                 "validation": secs(validation)},
+                 "validation": secs(validation), "retrieval": secs(retrieval)},
         milp_seconds_at_most=milp_solves * milp_time_limit, rates=rates)

@@ -1,4 +1,6 @@
-"""`moa-vllm plan search`: calibrate -> profile -> rule losses -> MILP sweep -> validate.
+"""`moa-vllm plan search`: calibrate -> profile -> rule losses -> MILP sweep -> validate
+(answer loss, then retrieval). ``--density auto`` repeats the last three stages at
+rising budgets and keeps the lowest whose plan still retrieves what dense does.
 
 Every stage caches its result in one ``StageCache`` under the work directory,
 keyed by a hash of what it depends on (model fingerprint and weights, data
@@ -16,7 +18,7 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import MISSING, dataclass, field
+from dataclasses import MISSING, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +54,18 @@ class SearchConfig:
     """Every option of ``moa-vllm plan search`` (the command line is derived from it)."""
 
     model: str = _opt(MISSING, "HF model directory")
-    density: float = _opt(MISSING, "KV density budget (average and allocated) at every "
-                          "length of interest")
     out: str = _opt(MISSING, "where to write the plan")
+    density: float | str = _opt(
+        "auto", "KV density budget (average and allocated) at every length of interest; "
+        "auto: the lowest of --densities whose plan retrieves at least "
+        "--retrieval-target of what dense retrieves on the validation lengths",
+        type=lambda text: text if text == "auto" else float(text))
+    densities: list[float] = _opt([0.25, 0.375, 0.5, 0.625, 0.75, 0.875],
+                                  "budgets --density auto tries, lowest first")
+    retrieval_target: float = _opt(0.95, "fraction of dense's retrieval a plan must keep "
+                                   "(--density auto chooses by it; a fixed density warns)")
+    retrieval_samples: int = _opt(8, "recall prompts per validation length (facts in "
+                                  "natural text at evenly spread depths)")
     exact_floor: int = _opt(1024, "prompts up to this many tokens stay exact (every head "
                             "reads every key): they hold little KV, and most requests are "
                             "short; budgets and losses start above it (0: no floor)")
@@ -244,26 +255,32 @@ class StageCache:
 
 @dataclass
 class _Run:
-    """What every stage of one search reads."""
+    """What every stage of one search at one density reads."""
 
-    cfg: SearchConfig
+    cfg: SearchConfig  # its density a number
     fp: ModelFingerprint
     cache: StageCache
     model_key: dict
     data_key: dict
     threads: int
     lengths: SearchLengths
-    _model: Any = None
+    _loaded: dict = field(default_factory=dict)  # shared by every density's run
 
     def model(self):
         """The HF model and tokenizer, loaded on the first stage that needs them."""
-        if self._model is None:
+        if not self._loaded:
             from moa_vllm.planner import profile as P
 
             with self.cache.timed("load_model"):
-                self._model = P.load_model(self.cfg.model, self.threads, self.cfg.device,
-                                           self.cfg.dtype)
-        return self._model
+                self._loaded["model"] = P.load_model(self.cfg.model, self.threads,
+                                                     self.cfg.device, self.cfg.dtype)
+        return self._loaded["model"]
+
+    def at_density(self, density: float) -> _Run:
+        """The same search at another budget (the density lengths follow it)."""
+        cfg = replace(self.cfg, density=density)
+        return replace(self, cfg=cfg,
+                       lengths=resolve_lengths(cfg, self.fp.max_position_embeddings))
 
     @property
     def num_classes(self) -> int:
@@ -289,6 +306,7 @@ class _Run:
 
 
 def _start(cfg: SearchConfig) -> _Run:
+    """The search at its first density (``at_density`` gives the others)."""
     import torch
     from transformers import AutoConfig
 
@@ -301,16 +319,22 @@ def _start(cfg: SearchConfig) -> _Run:
     data_key = {"dataset": dataset, "answer_tokens": cfg.answer_tokens, "seed": cfg.seed,
                 "data_version": 2}
     work = Path(cfg.work_dir) if cfg.work_dir else default_work_dir()
+    budgets = len(cfg.densities) if cfg.density == "auto" else 1
+    if cfg.density == "auto":
+        if cfg.allocated_density is not None:
+            raise ValueError("--allocated-density needs a given --density, not auto")
+        cfg = replace(cfg, density=sorted(cfg.densities)[0])
     lengths = resolve_lengths(cfg, fp.max_position_embeddings)
     log.info("plan search: %s, density %s, profiling %s, validating %s, work dir %s",
              fp.describe(), cfg.density, lengths.profile, lengths.validate, work)
-    log.info(estimate(cfg, hf_config, lengths).describe(cfg.device, cfg.dtype))
+    log.info(estimate(cfg, hf_config, lengths, budgets).describe(cfg.device, cfg.dtype))
     return _Run(cfg, fp, StageCache(work), _model_id(cfg.model, cfg.dtype), data_key, threads,
                 lengths)
 
 
-def estimate(cfg: SearchConfig, hf_config, lengths: SearchLengths):
-    """Peak memory and time of the search (``planner.cost``), before it starts."""
+def estimate(cfg: SearchConfig, hf_config, lengths: SearchLengths, budgets: int = 1):
+    """Peak memory and time of the search (``planner.cost``) at ``budgets`` densities
+    (the validation and recall stages repeat at each), before it starts."""
     import torch
 
     from moa_vllm.planner.cost import DeviceRates, ModelShape, estimate_search
@@ -319,10 +343,11 @@ def estimate(cfg: SearchConfig, hf_config, lengths: SearchLengths):
     dtype = getattr(torch, cfg.dtype)
     return estimate_search(
         ModelShape.from_hf_config(hf_config), lengths.profile, lengths.samples,
-        lengths.validate, lengths.validate_samples, cfg.max_validate + 2, cfg.answer_tokens,
+        lengths.validate, lengths.validate_samples, budgets * cfg.max_validate + 2,
+        cfg.answer_tokens,
         torch.empty(0, dtype=dtype).element_size(), cfg.profile_block,
-        sweep_solves(len(lengths.profile), cfg.pareto_grid), cfg.time_limit,
-        DeviceRates.measure(cfg.device, dtype))
+        budgets * sweep_solves(len(lengths.profile), cfg.pareto_grid), cfg.time_limit,
+        DeviceRates.measure(cfg.device, dtype), (2 + budgets) * cfg.retrieval_samples)
 
 
 def _calibration(run: _Run, length: int, n: int, split: str) -> list:
@@ -433,6 +458,12 @@ def _pareto_front(run: _Run, rules, losses, prob) -> tuple[list, list]:
     return front, solve_log
 
 
+def _mask_key(plan: Plan | None) -> list | None:
+    """What a plan's exact mask depends on (None: dense): a validation cache key."""
+    return None if plan is None else [plan.rules, plan.sink_tokens, plan.elastic,
+                                      plan.min_window, plan.granule, plan.exact_floor]
+
+
 def _validate(run: _Run, plans: list[Plan | None]) -> dict[int, list[float]]:
     """Stage 5: the answer loss of each plan (None: dense) at each unseen length."""
     from tqdm import tqdm
@@ -446,18 +477,66 @@ def _validate(run: _Run, plans: list[Plan | None]) -> dict[int, list[float]]:
         scores[length] = []
         for plan in tqdm(plans, desc=f"validate {length}", disable=not run.cfg.progress,
                          leave=False):
-            spans = None if plan is None else [plan.rules, plan.sink_tokens, plan.elastic,
-                                               plan.min_window, plan.granule,
-                                               plan.exact_floor]
-
             def compute(plan=plan):
                 model, _ = run.model()
                 return float(np.mean([P.masked_answer_loss(model, plan, s.ids, len(s.prompt))
                                       for s in vdata])), {}
 
-            loss, _ = run.cache.get("validation", {"data": data_key, "plan": spans}, compute)
+            loss, _ = run.cache.get("validation", {"data": data_key, "plan": _mask_key(plan)},
+                                    compute)
             scores[length].append(loss)
     return scores
+
+
+RETRIEVAL_TASK = "recall"
+RETRIEVAL_SEED = 7919  # added to --seed: prompts apart from the eval's (seed 0)
+
+
+def _retrieval(run: _Run, plan: Plan | None) -> dict[int, list[bool]]:
+    """Stage 6: which recall prompts (``moa_vllm.tasks``, facts at evenly spread
+    depths of natural text) the plan's greedy answer gets right, per validation
+    length (None: dense)."""
+    from moa_vllm.planner import profile as P
+    from moa_vllm.tasks import make_samples
+
+    n = run.cfg.retrieval_samples
+    depths = [(i + 0.5) / n for i in range(n)]
+    solved = {}
+    for length in run.lengths.validate:
+        def compute(length=length):
+            model, tok = run.model()
+            samples = make_samples(tok, [RETRIEVAL_TASK], [length], depths, 1,
+                                   seed=run.cfg.seed + RETRIEVAL_SEED)
+            return [P.masked_completes(model, tok, plan, s.prompt, s.answer)
+                    for s in samples], {}
+
+        key = {"model": run.model_key, "task": RETRIEVAL_TASK, "length": length, "n": n,
+               "seed": run.cfg.seed, "plan": _mask_key(plan), "retrieval_version": 1}
+        solved[length], _ = run.cache.get("retrieval", key, compute)
+    return solved
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """Recall prompts solved over every validation length, beside dense's."""
+
+    solved: int
+    dense: int
+    prompts: int
+
+    @property
+    def kept(self) -> float:
+        """The fraction of dense's retrieval kept (1 where dense retrieves nothing)."""
+        return self.solved / self.dense if self.dense else 1.0
+
+    def meets(self, target: float) -> bool:
+        return self.solved >= target * self.dense
+
+    @staticmethod
+    def of(solved: dict[int, list[bool]], dense: dict[int, list[bool]]) -> Retrieval:
+        return Retrieval(sum(sum(v) for v in solved.values()),
+                         sum(sum(v) for v in dense.values()),
+                         sum(len(v) for v in dense.values()))
 
 
 GAP_FLOOR = 0.05  # of the dense loss: where the uniform window is that close, noise rules
@@ -481,22 +560,18 @@ def choose(scores: dict[int, list[float]]) -> tuple[int, list[float]]:
     return int(np.argmin(worst)), [float(x) for x in worst]
 
 
-def run_search(cfg: SearchConfig) -> Plan:
-    t_start = time.perf_counter()
-    run = _start(cfg)
-    lengths = run.lengths
-    profiled = {n: _profile(run, n, k) for n, k in zip(lengths.profile, lengths.samples)}
-    profiles = {n: imp for n, (imp, _) in profiled.items()}
-    profile_info = {n: info for n, (_, info) in profiled.items()}
+def _search_at(run: _Run, profiles: dict, profile_info: dict) -> tuple[Plan, Plan, dict]:
+    """Stages 3-5 at ``run``'s density: the plan chosen on the validation loss, its
+    equal-density uniform window, and the search's record."""
+    cfg, lengths = run.cfg, run.lengths
     rules, losses, prob = _problem(run, profiles, profile_info)
     front, solve_log = _pareto_front(run, rules, losses, prob)
-
+    # dense and the equal-density uniform window are scored beside the front
+    uniform = uniform_plan(run.fp, cfg.density, sink_tokens=cfg.sink_tokens,
+                           elastic=cfg.elastic, min_window=cfg.min_window, grow=True,
+                           granule=cfg.granule, exact_floor=cfg.exact_floor)
     scores, best, relative = {}, 0, []
     if lengths.validate:
-        # dense and the equal-density uniform window are scored beside the front
-        uniform = uniform_plan(run.fp, cfg.density, sink_tokens=cfg.sink_tokens,
-                               elastic=cfg.elastic, min_window=cfg.min_window, grow=True,
-                               granule=cfg.granule, exact_floor=cfg.exact_floor)
         scores = _validate(run, [None, uniform] + [run.make_plan(rules, c) for c, _ in front])
         best, relative = choose(scores)
         for n, v in scores.items():
@@ -504,25 +579,12 @@ def run_search(cfg: SearchConfig) -> Plan:
                 log.warning("the chosen plan does not beat the uniform window at %d tokens "
                             "(%.4f vs %.4f): more calibration samples or profiling lengths "
                             "may help", n, v[2 + best], v[1])
-    choice, _ = front[best]
-
-    total = round(time.perf_counter() - t_start, 2)
     details = {
         "density": cfg.density,
         "allocated_density_budget": _alloc_budget(cfg),
         "budget_slack": cfg.budget_slack,
         "density_lengths": lengths.density,
-        "block_size": cfg.block_size,
-        "profile_lengths": lengths.profile,
-        "profile_block": cfg.profile_block,
-        "samples_per_length": dict(zip(map(str, lengths.profile), lengths.samples)),
-        "profiles": {str(n): profile_info[n] for n in lengths.profile},
-        "data": {"source": cfg.dataset or "synthetic (pydoc_data.topics): facts, passages, topics",
-                 "targets": "dense model greedy answers" if not cfg.dataset
-                 else "dataset answers or dense greedy",
-                 "answer_tokens": cfg.answer_tokens, "seed": cfg.seed},
         "rules_grid": [r.as_tuple() for r in rules],
-        "head_classes": run.num_classes,
         "solver": {"name": "scipy.optimize.milp (HiGHS)", "time_limit_s": cfg.time_limit,
                    "mip_rel_gap": cfg.mip_rel_gap, "pareto_grid": cfg.pareto_grid,
                    "solves": solve_log,
@@ -536,6 +598,72 @@ def run_search(cfg: SearchConfig) -> Plan:
             "excess_vs_uniform": relative[best] if relative else None,
             "per_length": {str(n): {"dense_loss": v[0], "uniform_loss": v[1],
                                     "chosen_loss": v[2 + best]} for n, v in scores.items()}},
+    }
+    return run.make_plan(rules, front[best][0]), uniform, details
+
+
+def _retrieval_record(run: _Run, plan: Plan, dense: dict[int, list[bool]]) -> dict:
+    """The plan's recall beside dense's."""
+    chosen = Retrieval.of(_retrieval(run, plan), dense)
+    return {"density": run.cfg.density, "solved": chosen.solved, "kept": round(chosen.kept, 4),
+            "meets_target": chosen.meets(run.cfg.retrieval_target)}
+
+
+def run_search(cfg: SearchConfig) -> Plan:
+    t_start = time.perf_counter()
+    run = _start(cfg)
+    lengths = run.lengths
+    profiled = {n: _profile(run, n, k) for n, k in zip(lengths.profile, lengths.samples)}
+    profiles = {n: imp for n, (imp, _) in profiled.items()}
+    profile_info = {n: info for n, (_, info) in profiled.items()}
+
+    budgets = sorted(cfg.densities) if cfg.density == "auto" else [cfg.density]
+    dense = _retrieval(run, None) if lengths.validate else {}
+    baseline = Retrieval.of(dense, dense)
+    if cfg.density == "auto" and not baseline.dense:
+        raise RuntimeError(
+            f"--density auto: dense retrieves none of the {baseline.prompts} recall prompts "
+            f"at {lengths.validate} tokens, so retrieval cannot choose a density; give "
+            "--density")
+    sweep = []
+    for density in budgets:
+        run = run.at_density(density)
+        plan, uniform, details = _search_at(run, profiles, profile_info)
+        if not dense:
+            break
+        sweep.append(_retrieval_record(run, plan, dense))
+        log.info("density %s: recall %d of dense's %d", density, sweep[-1]["solved"],
+                 baseline.dense)
+        if sweep[-1]["meets_target"]:
+            break
+    if sweep:  # the equal-density uniform window beside the plan written
+        sweep[-1]["uniform_solved"] = Retrieval.of(_retrieval(run, uniform), dense).solved
+    lengths = run.lengths
+    if sweep and not sweep[-1]["meets_target"]:
+        message = (f"no density up to {budgets[-1]} keeps {cfg.retrieval_target} of dense's "
+                   f"retrieval (dense: {baseline.dense} of {baseline.prompts} recall prompts "
+                   f"at {lengths.validate} tokens; the sweep: {sweep})")
+        if cfg.density == "auto":
+            raise RuntimeError(message + ": add higher --densities, or serve dense")
+        log.warning(message)
+
+    total = round(time.perf_counter() - t_start, 2)
+    details.update({
+        "retrieval": {"task": RETRIEVAL_TASK, "lengths": lengths.validate,
+                      "prompts_per_length": cfg.retrieval_samples, "seed": cfg.seed,
+                      "dense_solved": baseline.dense, "prompts": baseline.prompts,
+                      "target": cfg.retrieval_target, "sweep": sweep,
+                      "density_chosen_by": "auto" if cfg.density == "auto" else "given"},
+        "block_size": cfg.block_size,
+        "profile_lengths": lengths.profile,
+        "profile_block": cfg.profile_block,
+        "samples_per_length": dict(zip(map(str, lengths.profile), lengths.samples)),
+        "profiles": {str(n): profile_info[n] for n in lengths.profile},
+        "data": {"source": cfg.dataset or "synthetic (pydoc_data.topics): facts, passages, topics",
+                 "targets": "dense model greedy answers" if not cfg.dataset
+                 else "dataset answers or dense greedy",
+                 "answer_tokens": cfg.answer_tokens, "seed": cfg.seed},
+        "head_classes": run.num_classes,
         "stage_seconds": run.cache.seconds,
         "cached_stage_seconds": run.cache.cached_seconds,
         "total_seconds": total,
@@ -543,14 +671,14 @@ def run_search(cfg: SearchConfig) -> Plan:
         "device": cfg.device,
         "dtype": cfg.dtype,
         "machine": f"{os.cpu_count()} CPUs",
-    }
-    plan = run.make_plan(rules, choice, details)
+    })
+    plan.provenance.details.update(details)
     plan.provenance.details["densities"] = [
         {"length": d.length, "average": round(d.average_density, 5),
          "allocated": round(d.allocated_density, 5)}
         for d in density_table(plan, lengths.density, cfg.block_size)]
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     plan.save(cfg.out)
-    log.info("wrote %s (validation %s) in %.1f s", cfg.out,
+    log.info("wrote %s at density %s (validation %s) in %.1f s", cfg.out, run.cfg.density,
              details["validation"]["per_length"], total)
     return plan

@@ -299,3 +299,18 @@ def masked_generate(model, tokenizer, plan, ids: list[int], max_new_tokens: int)
                              max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=eos if eos is not None else 0)
     return out[0, len(ids):].tolist()
+
+
+@torch.no_grad()
+def masked_completes(model, tokenizer, plan, prompt: str, answer: str) -> bool:
+    """Whether greedy decoding under the plan's exact mask continues ``prompt`` with
+    `` answer`` (``plan=None``: dense): one teacher-forced forward, each answer token
+    the argmax after the ones before it, which is what greedy generation emits."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    ids = prompt_ids + tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+    n_ans = len(ids) - len(prompt_ids)
+    with _masked(plan, len(prompt_ids)):
+        out = model(torch.tensor([ids], device=model.device), logits_to_keep=n_ans + 1,
+                    use_cache=False)
+    predicted = out.logits[0, :-1].argmax(-1).tolist()
+    return predicted == ids[len(prompt_ids):]

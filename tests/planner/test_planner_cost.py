@@ -62,7 +62,7 @@ def test_plan_search_prints_the_estimate_first(tiny_dir, tmp_path, caplog, measu
     run = _start(SearchConfig(model=str(tiny_dir), density=0.5, out=str(tmp_path / "p.json"),
                               lengths=[2048], validate_lengths=[1536], samples=[1],
                               work_dir=str(tmp_path / "work")))
-    assert run._model is None and not run.cache.seconds  # nothing loaded or computed yet
+    assert not run._loaded and not run.cache.seconds  # nothing loaded or computed yet
     line = next(m for m in caplog.messages if m.startswith("estimate on cpu (float32)"))
     peak = float(re.search(r"peak memory ([\d.]+) GiB", line).group(1)) * 2**30
     assert re.search(r"time about \d+ min \(calibration [\d.]+, profiling [\d.]+, validation",

@@ -29,3 +29,25 @@ def test_masked_generate_matches_oracle(tiny_dir, elastic):
     want = -float(sum(lp[p - 1, ref[p]] for p in range(len(ids), len(ref)))) / 6
     assert loss == pytest.approx(want, rel=1e-4)
     assert P.masked_generate(model, tok, None, ids, max_new_tokens=6) != ours
+
+
+def test_masked_completes_is_greedy_recall(smollm2_dir):
+    """The search's recall check answers as greedy generation under the same mask
+    does: dense recalls a fact from the middle of 1.5k tokens of prose, a window
+    that cannot reach it does not."""
+    from transformers import AutoConfig
+
+    from moa_vllm.plan import fingerprint_from_hf_config, uniform_plan
+    from moa_vllm.tasks import make_samples
+
+    model, tok = P.load_model(smollm2_dir, threads=2)
+    narrow = uniform_plan(fingerprint_from_hf_config(AutoConfig.from_pretrained(smollm2_dir)),
+                          0.15, length=1536)
+    sample = make_samples(tok, ["recall"], [1536], [0.5], 1)[0]
+    ids = tok(sample.prompt)["input_ids"]
+    recalled = {}
+    for name, plan in (("dense", None), ("narrow", narrow)):
+        greedy = tok.decode(P.masked_generate(model, tok, plan, ids, max_new_tokens=8))
+        recalled[name] = P.masked_completes(model, tok, plan, sample.prompt, sample.answer)
+        assert recalled[name] == greedy.startswith(" " + sample.answer)
+    assert recalled == {"dense": True, "narrow": False}

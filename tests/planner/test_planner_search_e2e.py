@@ -18,6 +18,7 @@ def search_args(model_dir, tmp_path):
         "--lengths", "256,512", "--validate-lengths", "224,768", "--samples", "2,1",
         "--exact-floor", "192",
         "--validate-samples", "2,1", "--answer-tokens", "16", "--threads", "2",
+        "--retrieval-samples", "2",
         "--work-dir", str(tmp_path / "work"), "--no-progress",
         "--out", str(tmp_path / "tiny-moa.json"),
     ])
@@ -52,6 +53,12 @@ def test_plan_search_end_to_end(tiny_dir, tmp_path):
     assert sorted(details["validation"]["per_length"]) == ["224", "768"]
     for v in details["validation"]["per_length"].values():
         assert v["chosen_loss"] >= 0.0 and v["uniform_loss"] >= 0.0 and v["dense_loss"] >= 0.0
+    # recall scored at the same lengths for the given density, dense beside it
+    retrieval = details["retrieval"]
+    assert retrieval["lengths"] == [224, 768] and retrieval["prompts"] == 4
+    assert retrieval["density_chosen_by"] == "given"
+    assert [step["density"] for step in retrieval["sweep"]] == [0.5]
+    assert 0 <= retrieval["sweep"][0]["solved"] <= 4
     # budgets from where sinks + min_window are half the budget: (64 + 64) * 2 / 0.5
     assert details["density_lengths"][0] == 512
     # prompts up to the floor exact (density 1), the rules beyond
@@ -75,6 +82,45 @@ def test_plan_search_end_to_end(tiny_dir, tmp_path):
     assert "profile_256" not in again.provenance.details["stage_seconds"]
 
     assert generate_with(tiny_dir, plan, tmp_path) == 4
+
+
+def test_density_auto_keeps_the_lowest_budget_that_recalls(smollm2_dir, tmp_path):
+    """SmolLM2 at 768 tokens: a 0.1 budget's windows cannot reach facts before the
+    prompt's last hundred tokens, so the sweep goes on to 0.9, which recalls what
+    dense does; both steps, dense's count and the uniform window's land in
+    provenance."""
+    out = tmp_path / "auto.json"
+    args = build_parser().parse_args([
+        "plan", "search", "--model", str(smollm2_dir), "--densities", "0.9,0.1",
+        "--lengths", "512", "--samples", "1", "--validate-lengths", "768",
+        "--validate-samples", "1", "--exact-floor", "256", "--sink-tokens", "16",
+        "--min-window", "16", "--granule", "16", "--answer-tokens", "8",
+        "--retrieval-samples", "3", "--retrieval-target", "0.6", "--pareto-grid", "1",
+        "--max-validate", "2", "--time-limit", "10", "--budget-slack", "1", "--threads", "2",
+        "--no-progress",
+        "--work-dir", str(tmp_path / "work"), "--out", str(out)])
+    assert args.density == "auto"
+    args.func(args)
+    plan = load_plan(out)
+    details = plan.provenance.details
+    retrieval = details["retrieval"]
+    assert retrieval["density_chosen_by"] == "auto" and retrieval["dense_solved"] >= 2
+    low, high = retrieval["sweep"]
+    assert (low["density"], high["density"]) == (0.1, 0.9) and details["density"] == 0.9
+    assert not low["meets_target"] and low["solved"] < 0.6 * retrieval["dense_solved"]
+    assert high["meets_target"] and high["solved"] >= 0.6 * retrieval["dense_solved"]
+    assert 0 <= high["uniform_solved"] <= 3 and "uniform_solved" not in low
+    assert average_density(plan, 768) > 0.5
+
+
+def test_density_auto_needs_retrieval_dense_can_do(tiny_dir, tmp_path):
+    """A random model recalls nothing, so no density can be chosen by recall: one
+    clear error, no plan written."""
+    args = search_args(tiny_dir, tmp_path)
+    args.density = "auto"
+    with pytest.raises(RuntimeError, match="dense retrieves none"):
+        args.func(args)
+    assert not (tmp_path / "tiny-moa.json").exists()
 
 
 def test_plan_search_on_qwen3(tiny_model_of, tmp_path):
