@@ -180,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uniform-elastic", type=lambda s: s.split(","),
                    help="elastic modes of the growing uniform baselines (default: those of "
                         "the --plan files, else prompt)")
-    p.add_argument("--tasks", type=lambda s: s.split(","), default=["passkey", "lines", "needle"])
+    p.add_argument("--tasks", type=lambda s: s.split(","),
+                   default=["recall", "passkey", "lines", "needle"],
+                   help="recall: completion style, which base models solve too")
     p.add_argument("--lengths", type=ints, default=[512, 1024, 2048, 4096])
     p.add_argument("--depths", type=floats, default=[round(i / 11, 2) for i in range(12)],
                    help="where the answer sits, 0 = start, 1 = end (default: 12 from 0 to 1)")

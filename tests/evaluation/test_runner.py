@@ -12,18 +12,28 @@ from transformers import AutoTokenizer
 
 from moa_vllm.evaluation.machine import CHECKOUT, provenance_lines, sha256
 from moa_vllm.evaluation.runner import Method, effective_length, methods_from_args, run_eval
-from moa_vllm.tasks import FILLERS, is_correct, make_samples
 from moa_vllm.plan import uniform_plan
+from moa_vllm.tasks import FILLERS, RECALL_FILLERS, RECALL_WORDINGS, is_correct, make_samples
 
 
 def test_tasks_are_sized_seeded_and_carry_their_answer(smollm2_dir):
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    samples = make_samples(tok, ["passkey", "lines", "needle"], [300, 900], [0.0, 1.0], 2)
-    again = make_samples(tok, ["passkey", "lines", "needle"], [300, 900], [0.0, 1.0], 2)
+    tasks = ["passkey", "lines", "needle", "recall"]
+    samples = make_samples(tok, tasks, [300, 900], [0.0, 1.0], 2)
+    again = make_samples(tok, tasks, [300, 900], [0.0, 1.0], 2)
     assert samples == again
-    for task in ("passkey", "needle"):  # every filler kind at every length
+    for task, fillers in (("passkey", FILLERS), ("needle", FILLERS),
+                          ("recall", RECALL_FILLERS)):  # every filler kind at every length
         for n in (300, 900):
-            assert {s.filler for s in samples if s.task == task and s.length == n} == set(FILLERS)
+            assert {s.filler for s in samples if s.task == task and s.length == n} == set(
+                fillers)
+    # recall is completion style for every model: no chat turn, the prompt ends with
+    # the fact's opening words
+    leads = {lead for _, lead, _ in RECALL_WORDINGS}
+    for s in samples:
+        if s.task == "recall":
+            assert "<|im_start|>" not in s.prompt
+            assert any(s.prompt.endswith("\n" + lead) for lead in leads)
     assert len({s.prompt.split(s.answer)[0][-40:] for s in samples if s.task == "passkey"}) > 1
     for s in samples:
         n = len(tok(s.prompt)["input_ids"])
