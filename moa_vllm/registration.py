@@ -13,7 +13,7 @@ def register() -> None:
     engine that asks for MoA stops before it starts, with one line that says why."""
     from moa_vllm.engine import vllm_surface
     from moa_vllm.engine.configure import configure_engine, served_in_this_process
-    from moa_vllm.engine.engine_plan import EnginePlan, extra_slot_names
+    from moa_vllm.engine.engine_plan import EnginePlan
     from moa_vllm.engine.kv_cache import (
         MoaSpanManager,
         MoaSpanSpec,
@@ -26,12 +26,12 @@ def register() -> None:
         vllm_surface.install_refusal(refusal)
         return
 
-    def spec_for_slot(spec, slot_name, vllm_config):
-        return EnginePlan.from_config(vllm_config).spec_for_slot(
-            spec, slot_name, vllm_config.max_in_flight_tokens)
+    def spec_for_kv_head(spec, kv_head_name, vllm_config):
+        return EnginePlan.from_config(vllm_config).spec_for_kv_head(
+            spec, kv_head_name, vllm_config.max_in_flight_tokens)
 
     vllm_surface.install_platform_hooks(configure_engine)
-    vllm_surface.install_kv_slot_hooks(extra_slot_names, spec_for_slot)
+    vllm_surface.install_kv_head_hooks(vllm_surface.extra_kv_head_layers, spec_for_kv_head)
     vllm_surface.register_kv_cache_spec(MoaSpanSpec, MoaSpanManager)
     vllm_surface.install_cache_hit_hook(owns_cache_hits, span_cache_hit)
     vllm_surface.install_endpoint_hook(_endpoint_plugin, served_in_this_process)

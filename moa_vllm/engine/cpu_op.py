@@ -33,7 +33,7 @@ from moa_vllm.span_mask import LayerSpans
 
 @dataclass(frozen=True)
 class KVFormat:
-    """How a slot's cache blocks are laid out and who writes them."""
+    """How a KV head's cache blocks are laid out and who writes them."""
 
     layout: KVLayout
     isa: str | None  # vLLM's CPU op ISA when its writer fills the cache
@@ -115,16 +115,16 @@ class SpanRuns:
     """What the op reads in one step of one head class, per distinct rule."""
 
     rules: tuple[RuleRuns, ...]
-    rule_of: Mapping[str, int]  # slot name -> rule row
+    rule_of: Mapping[str, int]  # KV-head layer name -> rule row
 
 
 @dataclass(frozen=True)
 class SpanRunBuilder:
-    """Owned by a head class's metadata builder: its slots' distinct rules and the
+    """Owned by a head class's metadata builder: its KV heads' distinct rules and the
     op's fixed parameters; ``build`` runs once per step."""
 
     rules: LayerSpans  # one row per distinct rule of the class
-    rule_of: Mapping[str, int]  # slot name -> rule row
+    rule_of: Mapping[str, int]  # KV-head layer name -> rule row
     block_size: int
     num_queries_per_kv: int
     head_size: int
@@ -166,7 +166,7 @@ class SpanRunBuilder:
 
 
 def span_attention(query: torch.Tensor, caches: list[torch.Tensor], runs: list[SpanRuns],
-                   slot_names: list[str], scale: float, output: torch.Tensor,
+                   kv_head_names: list[str], scale: float, output: torch.Tensor,
                    quant: KVQuant = KVQuant()) -> None:
     """One step of a layer: query/output ``[T, H, D]``; KV head ``j`` reads
     ``caches[j]`` through its own class's runs (``runs[j]``); the op dequantizes
@@ -174,7 +174,7 @@ def span_attention(query: torch.Tensor, caches: list[torch.Tensor], runs: list[S
     num_tokens, num_heads, head_size = query.shape
     group = num_heads // len(caches)
     out = torch.empty((len(caches), num_tokens, group, head_size), dtype=output.dtype)
-    for j, (cache, spans, name) in enumerate(zip(caches, runs, slot_names)):
+    for j, (cache, spans, name) in enumerate(zip(caches, runs, kv_head_names)):
         rule = spans.rules[spans.rule_of[name]]
         key_cache, value_cache = cpu_attn_halves(cache)
         cpu_attn_op(query[:, j * group:(j + 1) * group], key_cache, value_cache, out[j],

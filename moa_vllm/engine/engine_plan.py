@@ -20,36 +20,18 @@ import json
 from dataclasses import dataclass
 
 from moa_vllm.engine import vllm_surface
+from moa_vllm.engine.vllm_surface import kv_head_of
 from moa_vllm.engine.kv_cache import MoaSpanSpec
 from moa_vllm.plan import Plan
 from moa_vllm.plan_report import PlanReport, plan_report
 from moa_vllm.span_classes import (
     HeadClass,
-    Slot,
     head_class_assignment,
     head_classes,
     local_kv_heads,
     rank_kv_heads,
 )
 from moa_vllm.span_mask import LayerSpans
-
-SLOT_SUFFIX = ".moa_kv"  # KV head j >= 1 of layer L is the KV-cache layer "L.moa_kv<j>"
-
-
-def slot_layer_name(layer_name: str, local_head: int) -> str:
-    """The KV-cache layer that holds one local KV head of an attention layer."""
-    return layer_name if local_head == 0 else f"{layer_name}{SLOT_SUFFIX}{local_head}"
-
-
-def slot_of(slot_name: str) -> Slot:
-    """(layer index, local KV head) of a KV-cache layer name."""
-    layer_name, _, head = slot_name.partition(SLOT_SUFFIX)
-    return vllm_surface.layer_index(layer_name), int(head or 0)
-
-
-def extra_slot_names(layer_name: str, num_local_kv_heads: int) -> list[str]:
-    return [slot_layer_name(layer_name, j) for j in range(1, num_local_kv_heads)]
-
 
 @dataclass(frozen=True)
 class EnginePlan:
@@ -58,7 +40,7 @@ class EnginePlan:
     how: str  # which discovery rule found it
     tp_size: int = 1
     assignment: tuple[tuple[int, ...], ...] | None = None
-    """Head class of every (layer, local KV head) slot; derived once, in the front end."""
+    """Head class of every KV head (layer, local KV head); derived once, in the front end."""
 
     def __post_init__(self) -> None:
         if self.assignment is None:
@@ -79,13 +61,13 @@ class EnginePlan:
     def num_local_kv_heads(self) -> int:
         return local_kv_heads(self.plan.model.num_kv_heads, self.tp_size)
 
-    def class_of(self, slot_name: str) -> HeadClass:
-        layer, head = slot_of(slot_name)
+    def class_of(self, kv_head_name: str) -> HeadClass:
+        layer, head = kv_head_of(kv_head_name)
         return self.head_classes[self.assignment[layer][head]]
 
-    def spec_for_slot(self, spec, slot_name: str, in_flight_tokens: int) -> MoaSpanSpec:
-        """The KV-cache spec of one slot: one KV head's page, in its head class."""
-        return MoaSpanSpec.for_slot(spec, self.class_of(slot_name).index,
+    def spec_for_kv_head(self, spec, kv_head_name: str, in_flight_tokens: int) -> MoaSpanSpec:
+        """The KV-cache spec of one KV-head layer: one KV head's page, in its head class."""
+        return MoaSpanSpec.for_kv_head(spec, self.class_of(kv_head_name).index,
                                     self.head_classes, in_flight_tokens)
 
     def layer_spans(self, layer: int, rank: int) -> LayerSpans:

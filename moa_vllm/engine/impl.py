@@ -1,6 +1,6 @@
 """MoA attention: writes the KV cache and attends within each KV head's span.
 
-Every local KV head of a layer has its own KV-cache slot (its own cache tensor,
+Every local KV head of a layer has its own KV-cache layer (its own cache tensor,
 block table and slot mapping: its head class's group); slot 0 is the layer's
 own, the others are read from the forward context. The backend picks one of three
 implementations per engine (``backend.attention_path``):
@@ -30,7 +30,6 @@ from moa_vllm.engine.cpu_op import (
     cache_format,
     span_attention,
 )
-from moa_vllm.engine.engine_plan import slot_layer_name
 from moa_vllm.engine.metadata import (
     CpuOpMetadata,
     MoaAttentionMetadata,
@@ -45,7 +44,8 @@ from moa_vllm.engine.vllm_surface import (
     kv_scale_tensors,
     kv_scales,
     reshape_and_cache_cuda,
-    slot_attention_context,
+    kv_head_context,
+    kv_head_layer_name,
 )
 from moa_vllm.paged_kv import KVLayout, cpu_attn_halves, gather_kv, kv_views
 from moa_vllm.span_mask import elastic_lengths, masked_attention
@@ -56,7 +56,7 @@ TORCH_QUERY_TILE = 256  # long prefill chunks: each tile reads only its own wind
 
 class MoaAttentionImpl(AttentionImpl):
     """What the three share: the checks, and one KV write per local KV head into
-    its own slot's cache."""
+    its own KV-head layer's cache."""
 
     def __init__(
         self,
@@ -116,15 +116,15 @@ class MoaAttentionImpl(AttentionImpl):
         raise NotImplementedError
 
     def cache_format(self, kv_cache: torch.Tensor, dtype: torch.dtype) -> KVFormat:
-        """How a slot's cache is laid out and written (writer and reader agree).
+        """How a KV head's cache is laid out and written (writer and reader agree).
         ``dtype``: the model's."""
         return cache_format(kv_cache, dtype, self.kv_cache_dtype)
 
-    def _slots(self, layer, attn_metadata, kv_cache):
-        """(metadata, KV cache) of each local KV head's slot."""
+    def _kv_heads(self, layer, attn_metadata, kv_cache):
+        """(metadata, KV cache) of each local KV head's layer."""
         yield attn_metadata, kv_cache
         for j in range(1, self.num_kv_heads):
-            md, kv, _ = slot_attention_context(slot_layer_name(layer.layer_name, j))
+            md, kv, _ = kv_head_context(kv_head_layer_name(layer.layer_name, j))
             yield md, kv
 
     def do_kv_cache_update(
@@ -135,13 +135,13 @@ class MoaAttentionImpl(AttentionImpl):
         kv_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
-        """Each local KV head goes to its own slot's cache, at its group's slots."""
+        """Each local KV head goes to its own layer's cache, at its group's slots."""
         quant = KVQuant(self.kv_cache_dtype, *kv_scales(layer))
         for j in range(self.num_kv_heads):
             if j == 0:
                 kv, slots = kv_cache, slot_mapping
             else:
-                _, kv, slots = slot_attention_context(slot_layer_name(layer.layer_name, j))
+                _, kv, slots = kv_head_context(kv_head_layer_name(layer.layer_name, j))
             self._write(layer, key[:, j:j + 1], value[:, j:j + 1], kv, slots, quant)
 
     def _write(self, layer, key, value, kv_cache, slot_mapping, quant: KVQuant) -> None:
@@ -169,9 +169,9 @@ class MoaAttentionImpl(AttentionImpl):
 class TorchImpl(MoaAttentionImpl):
     def _attend(self, layer, query, kv_cache, attn_metadata: TorchMetadata, output,
                 quant: KVQuant) -> None:
-        slots = list(self._slots(layer, attn_metadata, kv_cache))
-        self._forward_torch(query, [quant.stored(kv) for _, kv in slots],
-                            [md.block_table for md, _ in slots], attn_metadata,
+        heads = list(self._kv_heads(layer, attn_metadata, kv_cache))
+        self._forward_torch(query, [quant.stored(kv) for _, kv in heads],
+                            [md.block_table for md, _ in heads], attn_metadata,
                             attn_metadata.layer_spans[layer.layer_name], output,
                             self.cache_format(kv_cache, query.dtype).layout, quant)
 
@@ -210,9 +210,9 @@ class TorchImpl(MoaAttentionImpl):
 class CpuOpImpl(MoaAttentionImpl):
     def _attend(self, layer, query, kv_cache, attn_metadata: CpuOpMetadata, output,
                 quant: KVQuant) -> None:
-        slots = list(self._slots(layer, attn_metadata, kv_cache))
-        span_attention(query, [kv for _, kv in slots], [md.op_runs for md, _ in slots],
-                       [slot_layer_name(layer.layer_name, j) for j in range(len(slots))],
+        heads = list(self._kv_heads(layer, attn_metadata, kv_cache))
+        span_attention(query, [kv for _, kv in heads], [md.op_runs for md, _ in heads],
+                       [kv_head_layer_name(layer.layer_name, j) for j in range(len(heads))],
                        self.scale, output, quant)
 
 

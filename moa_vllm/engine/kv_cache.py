@@ -1,9 +1,9 @@
 """KV-cache spec and manager that return blocks outside every span to vLLM's pool.
 
-Each head class (see ``span_classes``) is one KV-cache group of one-KV-head
-slots. Its spec is a ``FullAttentionSpec`` (same page layout) that carries the
+Each head class (see ``span_classes``) is one KV-cache group of KV-head layers
+(one KV head each). Its spec is a ``FullAttentionSpec`` (same page layout) that carries the
 class's rules; its manager frees, per request and per step, the blocks that no
-later query of any slot in the class reads, keeping the sinks, and admits a
+later query of any KV head in the class reads, keeping the sinks, and admits a
 request by what it will hold (its peak), not by a dense prompt's worth.
 """
 
@@ -81,7 +81,7 @@ class MoaSpanSpec(FullAttentionSpec):
         return math.ceil(share * self.page_size_bytes)
 
     @classmethod
-    def for_slot(cls, spec: FullAttentionSpec, head_class: int,
+    def for_kv_head(cls, spec: FullAttentionSpec, head_class: int,
                  classes: tuple[HeadClass, ...], in_flight_tokens: int) -> MoaSpanSpec:
         kwargs = {f.name: getattr(spec, f.name) for f in fields(FullAttentionSpec)}
         kwargs["num_kv_heads"] = 1

@@ -21,13 +21,15 @@ import torch
 
 from moa_vllm.engine.backend import CPU_OP, TORCH, TRITON
 from moa_vllm.engine.cpu_op import SpanRunBuilder, SpanRuns, kv_format
-from moa_vllm.engine.engine_plan import EnginePlan, slot_layer_name, slot_of
+from moa_vllm.engine.engine_plan import EnginePlan
 from moa_vllm.engine.vllm_surface import (
     AttentionCGSupport,
     AttentionMetadataBuilder,
     CommonAttentionMetadata,
     bound_kv_cache,
     full_decode_graphs,
+    kv_head_layer_name,
+    kv_head_of,
     tensor_parallel_rank,
 )
 from moa_vllm.span_mask import LayerSpans
@@ -123,20 +125,20 @@ class MoaAttentionMetadataBuilder(AttentionMetadataBuilder[MoaAttentionMetadata]
         served = EnginePlan.from_config(vllm_config)
         head_class = served.head_classes[kv_cache_spec.head_class]
         got = {served.class_of(name).index for name in layer_names}
-        # a pipeline stage holds the class's slots on its own layers
+        # a pipeline stage holds the class's KV heads on its own layers
         whole = vllm_config.parallel_config.pipeline_parallel_size == 1
         if got != {head_class.index} or (whole and len(layer_names) != len(head_class.slots)):
             raise RuntimeError(
-                f"vLLM formed a KV-cache group of {len(layer_names)} slots of head classes "
+                f"vLLM formed a KV-cache group of {len(layer_names)} KV heads of head classes "
                 f"{sorted(got)}; MoA needs each group to be exactly one head class "
-                f"({len(head_class.slots)} slots): vLLM's grouping changed")
+                f"({len(head_class.slots)} KV heads): vLLM's grouping changed")
         self.served = served
         self.head_class = head_class.index
-        self.num_kv_heads = served.num_local_kv_heads  # the real layers', not the slots'
+        self.num_kv_heads = served.num_local_kv_heads  # the real layers', not the KV-head layers'
         self.rank = tensor_parallel_rank()
-        self.layer_rules = {  # layers whose own slot (KV head 0) is in this group
-            name: served.layer_spans(slot_of(name)[0], self.rank).to(device)
-            for name in layer_names if slot_of(name)[1] == 0
+        self.layer_rules = {  # layers whose own KV head 0 is in this group
+            name: served.layer_spans(kv_head_of(name)[0], self.rank).to(device)
+            for name in layer_names if kv_head_of(name)[1] == 0
         }
         self.prompt_lens = torch.zeros(vllm_config.scheduler_config.max_num_seqs,
                                        dtype=torch.int32, device=device)
@@ -180,7 +182,7 @@ class CpuOpMetadataBuilder(MoaAttentionMetadataBuilder):
         rules: dict[tuple[int, int], int] = {}
         rule_of = {}
         for name in layer_names:
-            layer, j = slot_of(name)
+            layer, j = kv_head_of(name)
             spans = self.served.layer_spans(layer, self.rank)
             rule = (int(spans.alpha[j]), int(spans.beta_q[j]))
             rule_of[name] = rules.setdefault(rule, len(rules))
@@ -219,11 +221,11 @@ class TritonMetadataBuilder(MoaAttentionMetadataBuilder):
         at the first build, once vLLM has bound the caches; they never move)."""
         if not self.layer_heads:
             for name, spans in self.layer_rules.items():
-                layer, _ = slot_of(name)
-                caches = [bound_kv_cache(self.vllm_config, slot_layer_name(name, j))
+                layer, _ = kv_head_of(name)
+                caches = [bound_kv_cache(self.vllm_config, kv_head_layer_name(name, j))
                           for j in range(self.num_kv_heads)]
                 if any(c.stride() != caches[0].stride() for c in caches):
-                    raise RuntimeError(f"{name}: the KV slots of one layer differ in layout")
+                    raise RuntimeError(f"{name}: the KV heads of one layer differ in layout")
                 offsets = [(c.data_ptr() - caches[0].data_ptr()) // c.element_size()
                            for c in caches]
                 tables = [self.served.assignment[layer][j] for j in range(self.num_kv_heads)]

@@ -23,7 +23,7 @@ Contracts we rely on (vLLM file, relative to the ``vllm`` package):
   unequal sizes are unified by growing the smaller pages' block size
   (``v1/core/kv_cache_utils.py`` ``unify_kv_cache_spec_page_size``), so a
   windowed layer of several KV heads takes fewer tokens per block to keep MoA's
-  one-head slots at MoA's block size.
+  one-head KV-head layers at MoA's block size.
 - ``model_executor/layers/attention/attention.py``: ``Attention.__init__`` puts the
   layer in ``compilation_config.static_forward_context``, and KV-cache specs are
   collected from that dict (``v1/worker/gpu_model_runner.py``
@@ -39,7 +39,7 @@ Contracts we rely on (vLLM file, relative to the ``vllm`` package):
   equal sizes, and the builder checks its group is exactly one class. Under
   pipeline parallelism (``parallel_config.pipeline_parallel_size``) the groups are
   the whole model's, projected onto each stage's layers
-  (``_project_kv_cache_groups_to_worker``): a stage's group is the class's slots
+  (``_project_kv_cache_groups_to_worker``): a stage's group is the class's KV heads
   on that stage.
 - ``model_executor/models/utils.py``: ``extract_layer_index``.
 - ``v1/kv_cache_spec_registry.py``: ``KVCacheSpecRegistry.register`` (after
@@ -203,16 +203,41 @@ def on_cpu_platform() -> bool:
     return current_platform.is_cpu()
 
 
-def install_kv_slot_hooks(
-    extra_slot_names: Callable[[str, int], list[str]],
-    spec_for_slot: Callable[[FullAttentionSpec, str, VllmConfig], FullAttentionSpec],
+# -- one KV-cache layer per KV head -------------------------------------------
+# A KV head is one (layer, local KV head) pair; its KV-head layer holds its cache.
+# ("Slot", as in ``slot_mapping``, is vLLM's: a token's place in the cache.)
+
+KV_HEAD_SUFFIX = ".moa_kv"  # KV head j >= 1 of layer L is the KV-cache layer "L.moa_kv<j>"
+
+
+def kv_head_layer_name(layer_name: str, local_head: int) -> str:
+    """The KV-cache layer that holds one local KV head of an attention layer (head 0:
+    the layer itself)."""
+    return layer_name if local_head == 0 else f"{layer_name}{KV_HEAD_SUFFIX}{local_head}"
+
+
+def kv_head_of(kv_head_name: str) -> tuple[int, int]:
+    """(layer index, local KV head) of a KV-head layer's name."""
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    layer_name, _, head = kv_head_name.partition(KV_HEAD_SUFFIX)
+    return extract_layer_index(layer_name), int(head or 0)
+
+
+def extra_kv_head_layers(layer_name: str, num_local_kv_heads: int) -> list[str]:
+    return [kv_head_layer_name(layer_name, j) for j in range(1, num_local_kv_heads)]
+
+
+def install_kv_head_hooks(
+    extra_kv_head_layers: Callable[[str, int], list[str]],
+    spec_for_kv_head: Callable[[FullAttentionSpec, str, VllmConfig], FullAttentionSpec],
 ) -> None:
     """Idempotent: every layer served by our backend becomes one KV-cache "layer"
-    per local KV head. The layer itself is the slot of its KV head 0; after it is
-    built, ``extra_slot_names(layer_name, num_kv_heads)`` names its other slots,
+    per local KV head. The layer itself holds its KV head 0; after it is built,
+    ``extra_kv_head_layers(layer_name, num_kv_heads)`` names its other KV heads' layers,
     each registered in the static forward context as a KV-only layer, so vLLM
     gives each slot its own spec, KV tensor, KV-cache group and slot mapping.
-    Every slot reports ``spec_for_slot(the layer's own spec, slot name, config)``.
+    Each reports ``spec_for_kv_head(the layer's own spec, its name, config)``.
     """
     from vllm.model_executor.layers.attention.attention import Attention
     from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
@@ -222,7 +247,7 @@ def install_kv_slot_hooks(
     original_spec = Attention.get_kv_cache_spec
     original_init = Attention.__init__
 
-    class KVSlotLayer(AttentionLayerBase):
+    class KVHeadLayer(AttentionLayerBase):
         """The KV cache of one more KV head of ``parent``; it never runs a forward."""
 
         def __init__(self, parent: Attention, name: str) -> None:
@@ -241,7 +266,7 @@ def install_kv_slot_hooks(
             return self.parent.attn_backend
 
         def get_kv_cache_spec(self, vllm_config: VllmConfig):
-            return spec_for_slot(original_spec(self.parent, vllm_config), self.layer_name,
+            return spec_for_kv_head(original_spec(self.parent, vllm_config), self.layer_name,
                                  vllm_config)
 
     @functools.wraps(original_init)
@@ -250,18 +275,18 @@ def install_kv_slot_hooks(
         if self.attn_backend.get_name() != BACKEND_NAME:
             return
         context = get_current_vllm_config().compilation_config.static_forward_context
-        for name in extra_slot_names(self.layer_name, self.num_kv_heads):
+        for name in extra_kv_head_layers(self.layer_name, self.num_kv_heads):
             if name in context:
                 raise ValueError(f"Duplicate layer name: {name}")
-            context[name] = KVSlotLayer(self, name)
+            context[name] = KVHeadLayer(self, name)
 
     @functools.wraps(original_spec)
     def get_kv_cache_spec(self, vllm_config: VllmConfig):
         spec = original_spec(self, vllm_config)
         if type(spec) is FullAttentionSpec and self.attn_backend.get_name() == BACKEND_NAME:
-            return spec_for_slot(spec, self.layer_name, vllm_config)
+            return spec_for_kv_head(spec, self.layer_name, vllm_config)
         if isinstance(spec, SlidingWindowSpec) and moa_requested(vllm_config):
-            return _slot_sized_window_spec(spec, self.attn_backend, vllm_config)
+            return _kv_head_sized_window_spec(spec, self.attn_backend, vllm_config)
         return spec
 
     Attention.__init__ = __init__
@@ -269,15 +294,15 @@ def install_kv_slot_hooks(
     Attention._moa_hooked = True
 
 
-def _slot_sized_window_spec(spec: SlidingWindowSpec, backend,
+def _kv_head_sized_window_spec(spec: SlidingWindowSpec, backend,
                             vllm_config: VllmConfig) -> SlidingWindowSpec:
-    """A windowed layer's page the size of one MoA slot's (one KV head at MoA's
+    """A windowed layer's page the size of one MoA KV-head layer's (one KV head at MoA's
     block size): vLLM unifies unequal pages by growing the smaller pages' block
     size, which would change MoA's blocks. The windowed layer takes fewer tokens
     per block instead, where its backend runs that block size."""
     block_size = vllm_config.cache_config.block_size
-    slot_page = spec.page_size_bytes // (spec.num_kv_heads * spec.block_size) * block_size
-    if spec.page_size_bytes == slot_page or block_size % spec.num_kv_heads:
+    kv_head_page = spec.page_size_bytes // (spec.num_kv_heads * spec.block_size) * block_size
+    if spec.page_size_bytes == kv_head_page or block_size % spec.num_kv_heads:
         return spec
     target = block_size // spec.num_kv_heads
     sizes = backend.get_supported_kernel_block_sizes(spec)
@@ -287,17 +312,19 @@ def _slot_sized_window_spec(spec: SlidingWindowSpec, backend,
 
 
 def bound_kv_cache(vllm_config: VllmConfig, name: str) -> torch.Tensor:
-    """The KV-cache tensor vLLM bound to a (slot) layer of this engine."""
+    """The KV-cache tensor vLLM bound to a (KV-head) layer of this engine."""
     return vllm_config.compilation_config.static_forward_context[name].kv_cache
 
 
-def slot_attention_context(slot_name: str):
+def kv_head_context(kv_head_name: str):
     """(attention metadata, KV cache, slot mapping) of one KV slot in this forward."""
     from vllm.model_executor.layers.attention.attention import get_attention_context
 
-    metadata, _, kv_cache, slot_mapping = get_attention_context(slot_name)
+    metadata, _, kv_cache, slot_mapping = get_attention_context(kv_head_name)
     return metadata, kv_cache, slot_mapping
 
+
+# -- KV-cache groups ---------------------------------------------------------
 
 def install_cache_hit_hook(
     claims: Callable[[list[FullAttentionSpec]], bool],
@@ -375,13 +402,7 @@ def full_decode_graphs(vllm_config: VllmConfig) -> bool:
     return mode is not None and mode.decode_mode() == CUDAGraphMode.FULL
 
 
-# -- model layers and parallelism --------------------------------------------
-
-def layer_index(layer_name: str) -> int:
-    from vllm.model_executor.models.utils import extract_layer_index
-
-    return extract_layer_index(layer_name)
-
+# -- parallelism -------------------------------------------------------------
 
 def tensor_parallel_rank() -> int:
     from vllm.distributed import get_tensor_model_parallel_rank

@@ -24,7 +24,8 @@ from moa_testing import (
     stop_llm,
 )
 
-from moa_vllm.engine.engine_plan import EnginePlan, slot_layer_name
+from moa_vllm.engine.engine_plan import EnginePlan
+from moa_vllm.engine.vllm_surface import kv_head_layer_name
 from moa_vllm.evaluation.served import dense_budget_bytes
 from moa_vllm.span_classes import cdiv
 
@@ -56,7 +57,7 @@ def test_full_layers_select_moa_and_each_kv_head_is_a_slot_layer(tiny):
     context = llm.llm_engine.vllm_config.compilation_config.static_forward_context
     for layer in range(plan.model.num_layers):
         for head in range(plan.model.num_kv_heads):
-            slot = context[slot_layer_name(layer_name(layer), head)]
+            slot = context[kv_head_layer_name(layer_name(layer), head)]
             assert slot.get_attn_backend().get_name() == "MOA"
     slots = [n for n in context if ".moa_kv" in n]
     assert len(slots) == plan.model.num_layers * (plan.model.num_kv_heads - 1)
@@ -70,7 +71,7 @@ def test_kv_cache_groups_are_the_plans_head_classes(tiny):
     assert len(groups) == len(record.head_classes)
     for group in groups:
         head_class = record.head_classes[group.kv_cache_spec.head_class]
-        assert set(group.layer_names) == {slot_layer_name(layer_name(layer), head)
+        assert set(group.layer_names) == {kv_head_layer_name(layer_name(layer), head)
                                           for layer, head in head_class.slots}
 
 

@@ -51,7 +51,7 @@ def test_two_engines_in_one_process_serve_their_own_plans(tiny_dir, tmp_path, mo
     its layers serve that plan's spans."""
     from moa_vllm.engine.engine_plan import EnginePlan
     from moa_vllm.engine.metadata import MoaAttentionMetadataBuilder
-    from moa_vllm.engine.engine_plan import slot_of
+    from moa_vllm.engine.vllm_surface import kv_head_of
 
     monkeypatch.delenv("MOA_PLAN", raising=False)
     built: list[MoaAttentionMetadataBuilder] = []
@@ -72,11 +72,11 @@ def test_two_engines_in_one_process_serve_their_own_plans(tiny_dir, tmp_path, mo
             served = EnginePlan.from_config(llm.llm_engine.vllm_config)
             assert (served.source, served.how) == (str(path), "additional_config")
             assert served.plan.rules == plan.rules
-            covered = sorted(slot_of(name)[0] for b in built for name in b.layer_rules)
+            covered = sorted(kv_head_of(name)[0] for b in built for name in b.layer_rules)
             assert covered == list(range(plan.model.num_layers))
             for builder in built:
                 for name, spans in builder.layer_rules.items():
-                    expected = plan.layer_spans(slot_of(name)[0])
+                    expected = plan.layer_spans(kv_head_of(name)[0])
                     assert spans.alpha.tolist() == expected.alpha.tolist(), name
                     assert spans.beta_q.tolist() == expected.beta_q.tolist(), name
         finally:

@@ -15,7 +15,7 @@ from moa_vllm.engine.metadata import (
     TritonMetadata,
     TritonMetadataBuilder,
 )
-from moa_vllm.engine.engine_plan import slot_of
+from moa_vllm.engine.vllm_surface import kv_head_of
 
 PROMPT_LENS = [30, 75, 140]
 
@@ -62,10 +62,10 @@ def test_spans_are_built_once_per_layer_on_the_device(builds):
     plan, records = builds
     builders = {id(b): b for b, _, _ in records}.values()  # one per KV-cache group
     layers = {name: spans for b in builders for name, spans in b.layer_rules.items()}
-    assert sorted(slot_of(name) for name in layers) == [
+    assert sorted(kv_head_of(name) for name in layers) == [
         (layer, 0) for layer in range(plan.model.num_layers)]  # each layer once, by its slot 0
     for name, spans in layers.items():
-        expected = plan.layer_spans(slot_of(name)[0])
+        expected = plan.layer_spans(kv_head_of(name)[0])
         assert torch.equal(spans.alpha.cpu(), expected.alpha)
         assert torch.equal(spans.beta_q.cpu(), expected.beta_q)
         assert spans.sink_tokens == expected.sink_tokens
