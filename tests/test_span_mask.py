@@ -131,7 +131,7 @@ def test_exact_floor_reads_every_key_up_to_it_and_the_rules_beyond(elastic):
 
 
 def test_masked_attention_is_softmax_over_the_allowed_keys():
-    """The one masked attention (oracle, torch path) against the formula."""
+    """The one masked attention (oracle, torch path, planner) against the formula."""
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(s, h, 16, generator=g) for s, h in ((5, 6), (9, 2), (9, 2)))
     allowed = torch.rand(2, 5, 9, generator=g) < 0.6

@@ -110,15 +110,14 @@ def _masked_attention(module, query, key, value, scaling, chunk: int = 512):
     """The exact MoA mask of ``_STATE['plan']`` (fp32, query chunks, keys limited to
     the sinks and the layer's widest window). Fewer queries than keys: the queries
     are the last positions (cached generation)."""
-    from moa_vllm.span_mask import elastic_lengths
+    from moa_vllm.span_mask import elastic_lengths, masked_attention
 
     q = query[0].float()
     k, v = key[0].float(), value[0].float()
     spans = _STATE["plan"].mask_spans(module.layer_idx)
     spans_here = spans.to(q.device)
-    hkv, t_len, t_q = k.shape[0], k.shape[1], q.shape[1]
+    t_len, t_q = k.shape[1], q.shape[1]
     first = t_len - t_q  # position of the first query
-    group = q.shape[0] // hkv
     scale = scaling if scaling is not None else 1.0 / math.sqrt(q.shape[-1])
     out = torch.empty_like(q)
     prompt_len = _STATE.get("prompt_len", t_len)
@@ -127,13 +126,10 @@ def _masked_attention(module, query, key, value, scaling, chunk: int = 512):
         q_pos = torch.arange(first + start, first + end, device=q.device)
         n = elastic_lengths(spans, q_pos, prompt_len)
         k_pos = spans.key_positions(first + start, int(n[0]), first + end).to(q.device)
-        qc = q[:, start:end].reshape(hkv, group, end - start, -1)
-        kc, vc = k[:, k_pos], v[:, k_pos]
-        scores = torch.einsum("kgtd,ksd->kgts", qc, kc) * scale
-        allowed = spans_here.mask(q_pos, k_pos, n)[:, None]
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out[:, start:end] = torch.einsum("kgts,ksd->kgtd", probs, vc).reshape(q.shape[0], end - start, -1)
+        allowed = spans_here.mask(q_pos, k_pos, n)  # [Hkv, Tq, Tk]
+        qc = q[:, start:end].transpose(0, 1)  # [Tq, H, D], as the primitive takes it
+        kc, vc = k[:, k_pos].transpose(0, 1), v[:, k_pos].transpose(0, 1)
+        out[:, start:end] = masked_attention(qc, kc, vc, allowed, scale).transpose(0, 1)
     return out[None].transpose(1, 2).contiguous().to(query.dtype), None
 
 
