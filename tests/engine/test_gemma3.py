@@ -58,8 +58,9 @@ def test_converted_model_is_sane_and_vllm_serves_it_as_transformers_runs_it(
 
 def test_plan_discovery_serves_the_shipped_plan_and_short_prompts_stay_exact(
         gemma3_dir, text_ids, tmp_path):
-    """No plan handed over: discovery picks the searched position-elastic 0.5 plan
-    for this model, and a prompt below its exact floor is vLLM's own backend."""
+    """No plan handed over: discovery picks the searched position-elastic plan whose
+    density the search chose by recall, and a prompt below its exact floor is
+    vLLM's own backend."""
     from vllm import SamplingParams
 
     fp = model_fingerprint(gemma3_dir)
@@ -67,7 +68,9 @@ def test_plan_discovery_serves_the_shipped_plan_and_short_prompts_stay_exact(
     found = resolve_plan(gemma3_dir, fp)
     assert found.how.startswith("shipped plans")
     assert found.plan.elastic == "position" and found.plan.provenance.method == "moa-search"
-    assert found.plan.provenance.details["density"] == 0.5
+    retrieval = found.plan.provenance.details["retrieval"]
+    assert retrieval["density_chosen_by"] == "auto" and retrieval["sweep"][-1]["meets_target"]
+    assert found.plan.provenance.details["density"] == retrieval["sweep"][-1]["density"]
     assert found.plan.exact_floor >= 300
     prompt = {"prompt_token_ids": text_ids[:300]}
     params = SamplingParams(temperature=0, max_tokens=16)

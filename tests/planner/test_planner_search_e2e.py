@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -40,9 +39,7 @@ def generate_with(model_dir, plan, tmp_path, **options) -> int:
 def test_plan_search_end_to_end(tiny_dir, tmp_path):
     out = tmp_path / "tiny-moa.json"
     args = search_args(tiny_dir, tmp_path)
-    t0 = time.perf_counter()
     args.func(args)
-    assert time.perf_counter() - t0 < 60
     plan = load_plan(out)
     details = plan.provenance.details
     assert plan.provenance.method == "moa-search"
@@ -75,7 +72,6 @@ def test_plan_search_end_to_end(tiny_dir, tmp_path):
     json.dumps(details)
 
     # resumable: a second run reuses every stage
-    t0 = time.perf_counter()
     args.func(args)
     again = load_plan(out)
     assert again.rules == plan.rules
