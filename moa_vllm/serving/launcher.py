@@ -98,7 +98,9 @@ def serve(model: str, plan: str | None, vllm_args: list[str], dry_run: bool = Fa
     with stdout_to_stderr():
         config = server_engine_config(args)
     if (served := served_plan(config)) is not None:
-        print(banner(served.report(config.cache_config.block_size)), flush=True)
+        # the engine is handed the plan's path; the banner says how discovery found it
+        report = served.report(config.cache_config.block_size)
+        print(banner(report.model_copy(update={"how": resolved.how})), flush=True)
     argv = [sys.executable, "-P", "-m", "vllm.entrypoints.openai.api_server", *args]
     if dry_run:
         print(shlex.join(argv))
