@@ -157,14 +157,18 @@ def load_model(model_dir, threads: int | None = None, device: str = "cpu",
     return model, tok
 
 
-def answer_loss(model, ids: list[int], prompt_len: int) -> torch.Tensor:
-    """Mean cross-entropy of the answer tokens ``ids[prompt_len:]``."""
+def answer_logits(model, ids: list[int], prompt_len: int) -> torch.Tensor:
+    """The logits that predict the answer tokens ``ids[prompt_len:]``, one forward."""
     n_ans = len(ids) - prompt_len
     out = model(torch.tensor([ids], device=model.device), logits_to_keep=n_ans + 1,
                 use_cache=False)
-    logits = out.logits[0, :-1].float()
+    return out.logits[0, :-1]
+
+
+def answer_loss(model, ids: list[int], prompt_len: int) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens ``ids[prompt_len:]``."""
     target = torch.tensor(ids[prompt_len:], device=model.device)
-    return F.cross_entropy(logits, target)
+    return F.cross_entropy(answer_logits(model, ids, prompt_len).float(), target)
 
 
 def block_effects(
@@ -304,9 +308,6 @@ def masked_completes(model, tokenizer, plan, prompt: str, answer: str) -> bool:
     the argmax after the ones before it, which is what greedy generation emits."""
     prompt_ids = tokenizer(prompt)["input_ids"]
     ids = prompt_ids + tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
-    n_ans = len(ids) - len(prompt_ids)
     with _masked(plan, len(prompt_ids)):
-        out = model(torch.tensor([ids], device=model.device), logits_to_keep=n_ans + 1,
-                    use_cache=False)
-    predicted = out.logits[0, :-1].argmax(-1).tolist()
+        predicted = answer_logits(model, ids, len(prompt_ids)).argmax(-1).tolist()
     return predicted == ids[len(prompt_ids):]
