@@ -18,7 +18,11 @@ BATCH, HEAD_SIZE, GROUP, KV_HEADS, DTYPE = 4, 64, 3, 3, torch.bfloat16
 def op_call(block_size: int, kv_heads: int, keys: int):
     """A closure running the op once over ``BATCH`` decode rows of ``keys`` keys,
     through the same contacts the engine uses (``vllm_surface``)."""
-    from moa_vllm.engine.vllm_surface import cpu_attention_isa, cpu_attn_op, cpu_attn_schedule
+    from moa_vllm.engine.vllm_surface.ops import (
+        cpu_attention_isa,
+        cpu_attn_op,
+        cpu_attn_schedule,
+    )
     from moa_vllm.paged_kv import cpu_attn_halves
 
     isa = cpu_attention_isa(DTYPE, block_size, HEAD_SIZE)

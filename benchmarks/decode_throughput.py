@@ -57,7 +57,11 @@ def run_backend(model: str, plan: str | None, length: int, requests: int, out_to
                   additional_config={"moa": {"plan": str(Path(plan).resolve())}}, **options)
     else:
         llm = LLM(**options)  # vLLM's own block size, what a dense user runs (CPU: 128)
-    from moa_vllm.engine.vllm_surface import llm_block_size, llm_scheduler, shutdown_llm
+    from moa_vllm.engine.vllm_surface.entrypoints import (
+        llm_block_size,
+        llm_scheduler,
+        shutdown_llm,
+    )
 
     block_size = llm_block_size(llm)
 

@@ -37,13 +37,13 @@ def measure(model: str, plan: str | None, cache_dtype: str, lengths: list[int],
     """One engine: its logged maximum concurrency and each length's KV per request."""
     from vllm import LLM, SamplingParams
 
-    from moa_vllm.engine.vllm_surface import (
+    from moa_vllm.engine.vllm_surface.entrypoints import (
         llm_block_size,
         llm_max_concurrency,
         llm_scheduler,
-        request_kv_bytes,
         shutdown_llm,
     )
+    from moa_vllm.engine.vllm_surface.kv_manager import request_kv_bytes
 
     options = dict(model=model, dtype=dtype, enforce_eager=True, seed=0,
                    max_model_len=max_model_len, kv_cache_memory_bytes=kv_bytes,

@@ -29,7 +29,7 @@ def time_steps(model: str, plan_path: str, length: int, batch: int, steps: int) 
     from vllm import LLM, SamplingParams
 
     from moa_vllm.engine.engine_plan import EnginePlan
-    from moa_vllm.engine.vllm_surface import llm_scheduler, shutdown_llm
+    from moa_vllm.engine.vllm_surface.entrypoints import llm_scheduler, shutdown_llm
 
     llm = LLM(model=model, dtype="bfloat16", enforce_eager=True, seed=0, block_size=16,
               max_model_len=length + steps + 32, max_num_seqs=batch,

@@ -11,7 +11,6 @@ def register() -> None:
     changes for engines that do not ask for MoA. On a vLLM outside the supported
     range, or one whose internals MoA touches have moved, nothing is patched and an
     engine that asks for MoA stops before it starts, with one line that says why."""
-    from moa_vllm.engine import vllm_surface
     from moa_vllm.engine.configure import configure_engine, served_in_this_process
     from moa_vllm.engine.engine_plan import EnginePlan
     from moa_vllm.engine.kv_cache import (
@@ -20,21 +19,23 @@ def register() -> None:
         owns_cache_hits,
         span_cache_hit,
     )
+    from moa_vllm.engine.vllm_surface import kv_heads, patches
+    from moa_vllm.engine.vllm_surface.interface import backend_member
 
-    vllm_surface.backend_member()
+    backend_member()
     if refusal := compatibility_refusal():
-        vllm_surface.install_refusal(refusal)
+        patches.install_refusal(refusal)
         return
 
     def spec_for_kv_head(spec, kv_head_name, vllm_config):
         return EnginePlan.from_config(vllm_config).spec_for_kv_head(
             spec, kv_head_name, vllm_config.max_in_flight_tokens)
 
-    vllm_surface.install_platform_hooks(configure_engine)
-    vllm_surface.install_kv_head_hooks(vllm_surface.extra_kv_head_layers, spec_for_kv_head)
-    vllm_surface.register_kv_cache_spec(MoaSpanSpec, MoaSpanManager)
-    vllm_surface.install_cache_hit_hook(owns_cache_hits, span_cache_hit)
-    vllm_surface.install_endpoint_hook(_endpoint_plugin, served_in_this_process)
+    patches.install_platform_hooks(configure_engine)
+    kv_heads.install_kv_head_hooks(kv_heads.extra_kv_head_layers, spec_for_kv_head)
+    patches.register_kv_cache_spec(MoaSpanSpec, MoaSpanManager)
+    patches.install_cache_hit_hook(owns_cache_hits, span_cache_hit)
+    patches.install_endpoint_hook(_endpoint_plugin, served_in_this_process)
 
 
 def compatibility_refusal() -> str | None:
@@ -42,14 +43,16 @@ def compatibility_refusal() -> str | None:
     outside the supported range is tried when ``MOA_ALLOW_UNTESTED_VLLM=1``, with a
     warning; moved internals are refused on every release."""
     from moa_vllm import envs
-    from moa_vllm.engine import vllm_contacts, vllm_surface
+    from moa_vllm.engine.vllm_surface import contacts
+    from moa_vllm.engine.vllm_surface.interface import logger
+    from moa_vllm.engine.vllm_surface.patches import on_cpu_platform
 
-    version = vllm_contacts.installed_version()
-    if problems := vllm_contacts.contact_problems(on_cpu=vllm_surface.on_cpu_platform()):
+    version = contacts.installed_version()
+    if problems := contacts.contact_problems(on_cpu=on_cpu_platform()):
         return f"moa-vllm cannot serve on vLLM {version}: " + "; ".join(problems)
-    refusal = vllm_contacts.version_refusal(version)
+    refusal = contacts.version_refusal(version)
     if refusal and envs.get(envs.MOA_ALLOW_UNTESTED_VLLM) == "1":
-        vllm_surface.logger.warning("%s; trying it (%s=1)", refusal,
+        logger.warning("%s; trying it (%s=1)", refusal,
                                     envs.MOA_ALLOW_UNTESTED_VLLM)
         return None
     return refusal and f"{refusal}; set {envs.MOA_ALLOW_UNTESTED_VLLM}=1 to try it anyway"

@@ -76,13 +76,13 @@ def start_llm(model_dir, plan=None, tmp_dir=None, backend: str | None = "moa", *
 
 
 def stop_llm(llm) -> None:
-    from moa_vllm.engine.vllm_surface import shutdown_llm
+    from moa_vllm.engine.vllm_surface.entrypoints import shutdown_llm
 
     shutdown_llm(llm)
 
 
 def scheduler(llm):
-    from moa_vllm.engine.vllm_surface import llm_scheduler
+    from moa_vllm.engine.vllm_surface.entrypoints import llm_scheduler
 
     return llm_scheduler(llm)
 
@@ -90,7 +90,7 @@ def scheduler(llm):
 def held_blocks(llm, request_id: str) -> dict[int | str, int]:
     """Blocks a request holds right now per head class (vLLM's own block lists);
     the groups of a hybrid model's windowed layers are ``"group <i>"``."""
-    from moa_vllm.engine.vllm_surface import is_null_block, request_blocks
+    from moa_vllm.engine.vllm_surface.kv_manager import is_null_block, request_blocks
 
     kvm = scheduler(llm).kv_cache_manager
     return {
@@ -135,7 +135,7 @@ def run_full_pool(llm, submitted: int, preempt_every: int = 0) -> dict:
     while the pool is full)."""
     from vllm import SamplingParams
 
-    from moa_vllm.engine.vllm_surface import preempt_newest
+    from moa_vllm.engine.vllm_surface.entrypoints import preempt_newest
 
     sched = scheduler(llm)
     preempted = []

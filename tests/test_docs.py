@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from moa_vllm import __version__, envs
-from moa_vllm.engine import vllm_contacts
+from moa_vllm.engine.vllm_surface import contacts as vllm_contacts
 from moa_vllm.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent

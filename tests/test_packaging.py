@@ -74,7 +74,7 @@ def test_entry_points_and_the_backend_path_resolve():
     import importlib
     from importlib.metadata import entry_points
 
-    from moa_vllm.engine.vllm_surface import BACKEND_PATH
+    from moa_vllm.engine.vllm_surface.interface import BACKEND_PATH
 
     ours = [ep for group in ("vllm.general_plugins", "vllm.endpoint_plugins", "console_scripts")
             for ep in entry_points(group=group) if ep.value.startswith("moa_vllm.")]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moa_vllm.engine.cpu_op import KVQuant, kv_format
-from moa_vllm.engine.vllm_surface import cpu_attn_write
+from moa_vllm.engine.vllm_surface.ops import cpu_attn_write
 from moa_vllm.paged_kv import KVLayout, compact_block_tables, cpu_attn_halves, gather_kv
 
 

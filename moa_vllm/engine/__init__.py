@@ -1,6 +1,8 @@
 """The vLLM engine plugin: what runs inside vLLM's processes.
 
-- ``registration``: the general-plugin entry point, the one registration moment;
+The plugin's entry point, ``moa_vllm.registration``, sits above this package and
+wires it together.
+
 - ``configure``: the platform's config hook: resolves the plan once in the front
   end and sets the options MoA needs (block size, prefix caching);
 - ``engine_plan``: the typed record of the plan an engine serves, carried in
@@ -13,5 +15,7 @@
   over compacted block tables of its span (granule-aligned plans);
 - ``kv_cache``: the KV-cache spec and manager that free blocks outside the spans;
 - ``stats``: the managers' counters, written for ``/metrics``;
-- ``vllm_surface``: every vLLM internal we touch (the bottom: imports nothing of ours).
+- ``vllm_surface/``: every vLLM internal we touch, by role (patches, KV-head layers,
+  config, manager internals, ops, entry points) and the supported releases
+  (``contacts``); the bottom: it imports nothing of ours.
 """

@@ -5,7 +5,7 @@ implementation, chosen once at start-up (``attention_path``): the Triton kernel
 on CUDA, vLLM's own op on CPU where the plan allows, else the torch path. Its
 impl and metadata builder carry only what that path reads.
 
-vLLM imports it by the path ``vllm_surface.BACKEND_PATH``: keep the two together."""
+vLLM imports it by the path ``vllm_surface.interface.BACKEND_PATH``: keep the two together."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from moa_vllm import envs
 from moa_vllm.engine.cpu_op import runs_on_op
 from moa_vllm.engine.engine_plan import EnginePlan
-from moa_vllm.engine.vllm_surface import (
+from moa_vllm.engine.vllm_surface.interface import (
     BACKEND_NAME,
     AttentionBackend,
     AttentionType,

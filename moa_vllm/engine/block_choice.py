@@ -17,7 +17,7 @@ import torch
 
 from moa_vllm import envs
 from moa_vllm.engine.cpu_op import on_op
-from moa_vllm.engine.vllm_surface import cpu_attention_isa
+from moa_vllm.engine.vllm_surface.ops import cpu_attention_isa
 from moa_vllm.plan import PlanError
 
 CANDIDATES = (16, 32, 64, 128, 256)  # multiples of 16: what the backend accepts

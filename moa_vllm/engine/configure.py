@@ -6,12 +6,18 @@ plans, the served-plan record in ``additional_config``."""
 
 from __future__ import annotations
 
-from moa_vllm.engine import block_choice, stats, vllm_surface
+from moa_vllm.engine import block_choice, stats
 from moa_vllm.engine.engine_plan import EnginePlan
+from moa_vllm.engine.vllm_surface.config import (
+    moa_config_entry,
+    request_prompt_lengths,
+    set_moa_config_entry,
+)
+from moa_vllm.engine.vllm_surface.interface import logger, moa_requested
+from moa_vllm.engine.vllm_surface.ops import cpu_attention_isa, cuda_fp8_supported
 from moa_vllm.plan import Plan, PlanError, fingerprint_from_hf_config
 from moa_vllm.plan_discovery import prefix_caching_alternative, resolve_plan
 
-logger = vllm_surface.logger
 
 _configured_here = False  # whether this process configured an engine that serves MoA
 
@@ -45,14 +51,14 @@ def quantized_cache_problems(vllm_config, cache_dtype: str) -> list[str]:
     native fp8 (MoA's kernel dequantizes on load), on CPUs where vLLM's op holds it."""
     device = vllm_config.device_config.device_type
     if device == "cuda":
-        if vllm_surface.cuda_fp8_supported():
+        if cuda_fp8_supported():
             return []
         return [f"kv_cache_dtype={cache_dtype} on this GPU (vLLM's KV writer stores fp8 "
                 "on compute capability 8.9 and above)"]
     if device != "cpu":
         return [f"kv_cache_dtype={cache_dtype} on {device} (MoA serves fp8 KV on CUDA and CPU)"]
     try:
-        vllm_surface.cpu_attention_isa(vllm_config.model_config.dtype,
+        cpu_attention_isa(vllm_config.model_config.dtype,
                                        vllm_config.cache_config.block_size,
                                        vllm_config.model_config.get_head_size(), cache_dtype)
     except NotImplementedError as err:
@@ -95,9 +101,9 @@ def configure_engine(vllm_config) -> None:
     """Resolve and validate the plan once, in the process that parses the
     arguments, and set the engine options MoA needs. Raises PlanError."""
     model_config = vllm_config.model_config
-    if model_config is None or not vllm_surface.moa_requested(vllm_config):
+    if model_config is None or not moa_requested(vllm_config):
         return
-    entry = vllm_surface.moa_config_entry(vllm_config) or {}
+    entry = moa_config_entry(vllm_config) or {}
     if "resolved" in entry:
         return  # already configured (vLLM re-validates copies of the config)
     if not isinstance(entry, dict) or set(entry) - {"plan"}:
@@ -128,8 +134,8 @@ def configure_engine(vllm_config) -> None:
                 "serve %s", f"the shipped position-elastic plan: --additional-config "
                 f"'{{\"moa\": {{\"plan\": \"{alternative}\"}}}}'" if alternative
                 else "an elastic='position' plan (moa-vllm plan search --elastic position)")
-        vllm_surface.request_prompt_lengths(vllm_config)
+        request_prompt_lengths(vllm_config)
     stats.ensure_stats_dir()  # engine processes started after this inherit it
-    vllm_surface.set_moa_config_entry(vllm_config, record.to_config())
+    set_moa_config_entry(vllm_config, record.to_config())
     global _configured_here
     _configured_here = True

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moa_vllm.engine.vllm_surface import (
+from moa_vllm.engine.vllm_surface.ops import (
     CPU_ATTN_PLAIN_ISAS,
     cpu_attention_isa,
     cpu_attn_op,

@@ -19,9 +19,10 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from moa_vllm.engine import vllm_surface
-from moa_vllm.engine.vllm_surface import kv_head_of
 from moa_vllm.engine.kv_cache import MoaSpanSpec
+from moa_vllm.engine.vllm_surface.config import moa_config_entry
+from moa_vllm.engine.vllm_surface.interface import get_current_vllm_config
+from moa_vllm.engine.vllm_surface.kv_heads import kv_head_of
 from moa_vllm.plan import Plan
 from moa_vllm.plan_report import PlanReport, plan_report
 from moa_vllm.span_classes import (
@@ -93,8 +94,8 @@ class EnginePlan:
     def from_config(cls, vllm_config=None) -> EnginePlan:
         """The record a configured engine's config carries (``configure``: the
         platform hook), parsed once per digest and process."""
-        vllm_config = vllm_config or vllm_surface.get_current_vllm_config()
-        entry = vllm_surface.moa_config_entry(vllm_config) or {}
+        vllm_config = vllm_config or get_current_vllm_config()
+        entry = moa_config_entry(vllm_config) or {}
         if "resolved" not in entry:
             raise RuntimeError("MoA: this engine's config was not configured by MoA's "
                                "platform hook (attention backend 'moa' not selected?)")
@@ -112,5 +113,5 @@ _RECORDS: dict[str, EnginePlan] = {}  # digest -> record parsed in this process
 
 def served_plan(vllm_config) -> EnginePlan | None:
     """The plan a configured engine serves; None for an engine without MoA."""
-    entry = vllm_surface.moa_config_entry(vllm_config) or {}
+    entry = moa_config_entry(vllm_config) or {}
     return EnginePlan.from_config(vllm_config) if entry.get("resolved") else None

@@ -36,16 +36,17 @@ from moa_vllm.engine.metadata import (
     TorchMetadata,
     TritonMetadata,
 )
-from moa_vllm.engine.vllm_surface import (
+from moa_vllm.engine.vllm_surface.interface import (
     AttentionImpl,
     AttentionLayer,
     AttentionType,
+)
+from moa_vllm.engine.vllm_surface.kv_heads import kv_head_context, kv_head_layer_name
+from moa_vllm.engine.vllm_surface.ops import (
     cpu_attn_write,
     kv_scale_tensors,
     kv_scales,
     reshape_and_cache_cuda,
-    kv_head_context,
-    kv_head_layer_name,
 )
 from moa_vllm.paged_kv import KVLayout, cpu_attn_halves, gather_kv, kv_views
 from moa_vllm.span_mask import elastic_lengths, masked_attention

@@ -16,12 +16,14 @@ from typing import Self
 
 from moa_vllm import envs
 from moa_vllm.engine.stats import ENGINE_STATS
-from moa_vllm.engine.vllm_surface import (
+from moa_vllm.engine.vllm_surface.interface import (
     FullAttentionManager,
     FullAttentionSpec,
+    logger,
+)
+from moa_vllm.engine.vllm_surface.kv_manager import (
     free_block_range,
     is_null_block,
-    logger,
     request_blocks,
 )
 from moa_vllm.span_classes import HeadClass, concurrency

@@ -22,15 +22,16 @@ import torch
 from moa_vllm.engine.backend import CPU_OP, TORCH, TRITON
 from moa_vllm.engine.cpu_op import SpanRunBuilder, SpanRuns, kv_format
 from moa_vllm.engine.engine_plan import EnginePlan
-from moa_vllm.engine.vllm_surface import (
+from moa_vllm.engine.vllm_surface.config import full_decode_graphs, tensor_parallel_rank
+from moa_vllm.engine.vllm_surface.interface import (
     AttentionCGSupport,
     AttentionMetadataBuilder,
     CommonAttentionMetadata,
+)
+from moa_vllm.engine.vllm_surface.kv_heads import (
     bound_kv_cache,
-    full_decode_graphs,
     kv_head_layer_name,
     kv_head_of,
-    tensor_parallel_rank,
 )
 from moa_vllm.span_mask import LayerSpans
 
@@ -114,7 +115,7 @@ class MoaAttentionMetadataBuilder(AttentionMetadataBuilder[MoaAttentionMetadata]
     """What all three builders share: the check that the group is one head class,
     the layers' spans, and every request's elastic N (positions follow from
     ``seq_lens`` and the query lengths; prompt lengths come from the runner's R-SWA
-    path, see ``vllm_surface.request_prompt_lengths``)."""
+    path, see ``vllm_surface.config.request_prompt_lengths``)."""
 
     _cudagraph_support: ClassVar[AttentionCGSupport] = (
         AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE

@@ -137,7 +137,8 @@ def answer_and_measure(llm, prompts: list[str], params,
     at its second output token (its first decode step, after the manager freed what
     the spans no longer read; the first token if it stopped there) over
     ``model_bytes(prompt tokens)``, the model's own dense cache of the prompt."""
-    from moa_vllm.engine.vllm_surface import llm_scheduler, request_kv_bytes
+    from moa_vllm.engine.vllm_surface.entrypoints import llm_scheduler
+    from moa_vllm.engine.vllm_surface.kv_manager import request_kv_bytes
 
     engine, scheduler = llm.llm_engine, llm_scheduler(llm)
     for i, prompt in enumerate(prompts):
@@ -189,7 +190,7 @@ def run_eval(model_dir, methods: list[Method], tasks, lengths, depths, samples: 
     from transformers import AutoTokenizer
     from vllm import SamplingParams
 
-    from moa_vllm.engine.vllm_surface import llm_block_size, shutdown_llm
+    from moa_vllm.engine.vllm_surface.entrypoints import llm_block_size, shutdown_llm
 
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the block pool is read in process
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -90,7 +90,7 @@ def serve(model: str, plan: str | None, vllm_args: list[str], dry_run: bool = Fa
     resolved = resolve_plan(model, fingerprint_from_hf_config(AutoConfig.from_pretrained(model)),
                             os.path.abspath(requested) if requested else None)
     from moa_vllm.engine.engine_plan import served_plan  # vLLM: once the plan is good
-    from moa_vllm.engine.vllm_surface import server_engine_config
+    from moa_vllm.engine.vllm_surface.entrypoints import server_engine_config
 
     extra["moa"] = {"plan": os.path.abspath(resolved.source)}  # the server serves this one
     args = server_args(model, [*vllm_args, CONFIG_FLAG, json.dumps(extra)])

@@ -1,6 +1,6 @@
 """MoA routes on vLLM's OpenAI server: ``GET /v1/moa/plan``, and MoA figures on
 vLLM's ``/metrics``. A server that serves MoA attaches them when no ``VLLM_PLUGINS``
-allowlist is set (``vllm_surface.install_endpoint_hook``); with one, name
+allowlist is set (``vllm_surface.patches.install_endpoint_hook``); with one, name
 ``moa-routes`` in it (``moa-vllm serve`` does)."""
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from moa_testing import (
 )
 
 from moa_vllm.engine.engine_plan import EnginePlan
-from moa_vllm.engine.vllm_surface import kv_head_layer_name
+from moa_vllm.engine.vllm_surface.kv_heads import kv_head_layer_name
 from moa_vllm.evaluation.served import dense_budget_bytes
 from moa_vllm.span_classes import cdiv
 

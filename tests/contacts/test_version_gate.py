@@ -13,7 +13,7 @@ import sys
 import pytest
 from moa_testing import model_fingerprint
 
-from moa_vllm.engine.vllm_contacts import SUPPORTED
+from moa_vllm.engine.vllm_surface.contacts import SUPPORTED
 from moa_vllm.plan import uniform_plan
 
 SCRIPT = """

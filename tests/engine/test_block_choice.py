@@ -10,7 +10,7 @@ from moa_testing import heterogeneous_plan, start_llm, stop_llm
 
 from moa_vllm.engine import block_choice
 from moa_vllm.engine.cpu_op import kv_format
-from moa_vllm.engine.vllm_surface import llm_block_size
+from moa_vllm.engine.vllm_surface.entrypoints import llm_block_size
 from moa_vllm.paged_kv import KVLayout
 
 

@@ -16,7 +16,7 @@ from moa_vllm.engine.cpu_op import (
     kv_format,
     span_attention,
 )
-from moa_vllm.engine.vllm_surface import cpu_attn_write
+from moa_vllm.engine.vllm_surface.ops import cpu_attn_write
 from moa_vllm.oracle import paged_span_attention_reference
 from moa_vllm.paged_kv import KVLayout, cpu_attn_halves, kv_views
 from moa_vllm.span_mask import LayerSpans, quantize_beta

@@ -51,7 +51,7 @@ def test_two_engines_in_one_process_serve_their_own_plans(tiny_dir, tmp_path, mo
     its layers serve that plan's spans."""
     from moa_vllm.engine.engine_plan import EnginePlan
     from moa_vllm.engine.metadata import MoaAttentionMetadataBuilder
-    from moa_vllm.engine.vllm_surface import kv_head_of
+    from moa_vllm.engine.vllm_surface.kv_heads import kv_head_of
 
     monkeypatch.delenv("MOA_PLAN", raising=False)
     built: list[MoaAttentionMetadataBuilder] = []

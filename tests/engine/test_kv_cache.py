@@ -134,7 +134,7 @@ def test_admission_charges_what_a_request_will_hold(tiny_dir, plan, tmp_path_fac
     a tight KV budget (152 one-layer pages: 1.2 dense requests) more MoA requests
     run at once than with a dense prompt's worth charged per head class."""
     from moa_vllm.engine.kv_cache import MoaSpanManager
-    from moa_vllm.engine.vllm_surface import FullAttentionManager
+    from moa_vllm.engine.vllm_surface.interface import FullAttentionManager
 
     page = 2 * 32 * 2 * 4 * BLOCK_SIZE  # K+V x head_dim x kv_heads x fp32 x tokens
 

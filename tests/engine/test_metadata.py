@@ -15,7 +15,7 @@ from moa_vllm.engine.metadata import (
     TritonMetadata,
     TritonMetadataBuilder,
 )
-from moa_vllm.engine.vllm_surface import kv_head_of
+from moa_vllm.engine.vllm_surface.kv_heads import kv_head_of
 
 PROMPT_LENS = [30, 75, 140]
 

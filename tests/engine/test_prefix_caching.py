@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from moa_testing import FP32_LOGPROB_ATOL, PrefixPrompts, scheduler, start_llm, stop_llm
 
-from moa_vllm.engine.vllm_surface import preempt_newest
+from moa_vllm.engine.vllm_surface.entrypoints import preempt_newest
 from moa_vllm.evaluation.served import dense_budget_bytes
 from moa_vllm.plan import load_plan
 

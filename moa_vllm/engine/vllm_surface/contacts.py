@@ -7,7 +7,7 @@ suite (real engines), vLLM 0.33 (the GPU extra's version; its wheel has no CPU
 kernels) runs every engine layer but the worker (``tests/contacts``). ``CONTACTS``
 lists each internal with the vLLM file it lives in, the shape MoA expects, and how
 each supported release exercised it; docs/vllm-internals.md prints the table
-(``python -m moa_vllm.engine.vllm_contacts``; ``tests/test_docs.py`` checks it).
+(``python -m moa_vllm.engine.vllm_surface.contacts``; ``tests/test_docs.py`` checks it).
 
 Imports vLLM only; nothing of ours.
 """
