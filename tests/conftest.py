@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from moa_testing import cpu_holds_fp8
 
 # The scheduler (and its block pool) in this process, so tests can read it.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -69,3 +70,13 @@ def wheel_venv(wheel, tmp_path_factory) -> Path:
     from packaging_checks import install_in_fresh_venv
 
     return install_in_fresh_venv(wheel, tmp_path_factory.mktemp("wheel-venv"))
+
+
+@pytest.fixture
+def cpu_fp8() -> None:
+    """For tests of fp8 arithmetic on vLLM's CPU op: skipped where the op holds no fp8
+    (it needs AVX-512 or AMX); there ``test_engine_plan`` checks MoA refuses fp8
+    before the engine starts."""
+    if not cpu_holds_fp8():
+        pytest.skip("vLLM's CPU op holds no fp8 KV cache on this CPU (AVX-512 or AMX "
+                    "needed); test_engine_plan checks MoA refuses it")

@@ -24,6 +24,21 @@ and under 2e-3 with the model's own rounding. Not a bound where a path rounds to
 coarser type (fp8 caches: bounded by the fp8 cache's own effect in the same run)."""
 
 
+def cpu_holds_fp8() -> bool:
+    """Whether vLLM's CPU attention op holds an fp8 KV cache on this CPU (it needs
+    AVX-512 or AMX). Where it does not, MoA refuses fp8 before the engine starts, as
+    ``test_engine_plan`` checks, and the tests of fp8 arithmetic have nothing to run."""
+    import torch
+
+    from moa_vllm.engine.vllm_surface.ops import cpu_attention_isa
+
+    try:
+        cpu_attention_isa(torch.float32, 32, 64, "fp8")
+    except NotImplementedError:
+        return False
+    return True
+
+
 def model_fingerprint(model_dir):
     from transformers import AutoConfig
 

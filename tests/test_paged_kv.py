@@ -33,7 +33,7 @@ def test_vllm_cpu_writer_layout_is_what_we_read(dtype, block_size):
 
 
 @pytest.mark.parametrize("cache_dtype", ["fp8", "fp8_e5m2"])
-def test_vllm_cpu_fp8_writer_layout_is_what_we_read(cache_dtype):
+def test_vllm_cpu_fp8_writer_layout_is_what_we_read(cache_dtype, cpu_fp8):
     """vLLM's writer with an fp8 cache and scales: the torch path's read and
     dequantization give the values back to fp8 precision."""
     dtype, block_size, head_size, tokens = torch.float32, 32, 64, 70

@@ -93,7 +93,7 @@ def test_vllm_op_matches_oracle(elastic, sinks, granule, floor, q_lens):
     assert torch.allclose(run(q, caches, runs), ref, atol=1e-5)
 
 
-def test_vllm_op_matches_oracle_on_an_fp8_cache():
+def test_vllm_op_matches_oracle_on_an_fp8_cache(cpu_fp8):
     """On the fp8 elements vLLM's writer stored, the op computes what the oracle
     computes in fp32 (the op dequantizes on load; its arithmetic is fp32)."""
     spans = rules_spans("position", 32, 32)

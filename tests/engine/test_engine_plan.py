@@ -5,7 +5,7 @@ message, before any engine process starts."""
 from __future__ import annotations
 
 import pytest
-from moa_testing import heterogeneous_plan, start_llm, stop_llm
+from moa_testing import cpu_holds_fp8, heterogeneous_plan, start_llm, stop_llm
 
 from moa_vllm.plan import PlanError
 
@@ -25,7 +25,21 @@ def test_unsupported_options_fail_before_the_engine(tiny_dir, tmp_path, options,
     assert "\n" not in str(err.value)
 
 
-def test_fp8_on_blocks_vllms_op_cannot_hold_fails_before_the_engine(tiny_dir, tmp_path):
+def test_fp8_where_vllms_cpu_op_holds_none_fails_before_the_engine(tiny_dir, tmp_path):
+    """vLLM's CPU op holds fp8 only on AVX-512 or AMX: there MoA serves an fp8 cache,
+    elsewhere it refuses it in one line, before the engine starts."""
+    plan = heterogeneous_plan(tiny_dir, "position")
+    if cpu_holds_fp8():
+        stop_llm(start_llm(tiny_dir, plan, tmp_path, kv_cache_dtype="fp8", block_size=32))
+        return
+    with pytest.raises(PlanError, match=r"does not support kv_cache_dtype=fp8 on this CPU "
+                       r"\(FP8 KV cache on CPU requires x86 with AVX-512 or AMX") as err:
+        start_llm(tiny_dir, plan, tmp_path, kv_cache_dtype="fp8", block_size=32)
+    assert "\n" not in str(err.value)
+
+
+def test_fp8_on_blocks_vllms_op_cannot_hold_fails_before_the_engine(tiny_dir, tmp_path,
+                                                                    cpu_fp8):
     with pytest.raises(PlanError, match=r"an fp8 KV cache on CPU needs a KV block size that "
                        r"is a multiple of 32 \(vLLM's op has no fp8 path below that\), got 16"):
         start_llm(tiny_dir, heterogeneous_plan(tiny_dir, "position"), tmp_path,

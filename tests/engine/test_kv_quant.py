@@ -47,7 +47,7 @@ def tmp(tmp_path_factory):
     return tmp_path_factory.mktemp("plans")
 
 
-def test_full_span_plan_equals_vllm_backend_with_fp8(tiny_dir, tmp):
+def test_full_span_plan_equals_vllm_backend_with_fp8(tiny_dir, tmp, cpu_fp8):
     full = uniform_plan(model_fingerprint(tiny_dir), 1.0, granule=32)
     moa = engine_run(tiny_dir, tmp, full, kv_cache_dtype="fp8", block_size=32)
     dense = engine_run(tiny_dir, tmp, backend=None, kv_cache_dtype="fp8", block_size=32)
@@ -56,7 +56,7 @@ def test_full_span_plan_equals_vllm_backend_with_fp8(tiny_dir, tmp):
     assert moa[2] * 4 == fp32[2]  # MoA's fp8 pages: a quarter of its fp32 ones
 
 
-def test_cutting_spans_op_and_torch_paths_agree_on_fp8(tiny_dir, tmp, monkeypatch):
+def test_cutting_spans_op_and_torch_paths_agree_on_fp8(tiny_dir, tmp, monkeypatch, cpu_fp8):
     """Both paths read the same writer's cache and agree to fp32 rounding on it
     (``test_cpu_op``), but a key or value that lands within that rounding of an fp8
     rounding boundary is stored one fp8 step apart on the two paths (vLLM's CPU
@@ -76,7 +76,8 @@ def test_cutting_spans_op_and_torch_paths_agree_on_fp8(tiny_dir, tmp, monkeypatc
 
 
 
-def test_long_prefill_chunks_on_fp8_agree_with_the_torch_path(smollm2_dir, tmp, monkeypatch):
+def test_long_prefill_chunks_on_fp8_agree_with_the_torch_path(smollm2_dir, tmp, monkeypatch,
+                                                             cpu_fp8):
     """SmolLM2, the shipped position plan, 2048 tokens of prose in one chunk: the op's
     work split is sized for the fp8 cache (one sized for the model's dtype made most
     rows NaN here, not on the tiny model). The two paths store a near-boundary

@@ -77,7 +77,7 @@ def test_triton_path_in_engine_matches_torch_path(tiny_dir, tmp_path, elastic):
         assert lp_k == pytest.approx(lp_t, abs=FP32_LOGPROB_ATOL)
 
 
-def test_triton_path_in_engine_reads_an_fp8_cache(tiny_dir, tmp_path):
+def test_triton_path_in_engine_reads_an_fp8_cache(tiny_dir, tmp_path, cpu_fp8):
     """``--kv-cache-dtype fp8``: the kernel gets the cache as fp8 elements and the
     layer's scale tensors, and answers as the torch path does on the same fp8 cache
     (its agreement with vLLM's CPU op and writer: ``engine/test_kv_quant``)."""
