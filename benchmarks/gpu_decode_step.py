@@ -65,7 +65,7 @@ def moa_plan(shape: dict, density: float, context: int, sink: int, seed: int = 0
                           num_attention_heads=shape["heads"], num_kv_heads=shape["kv_heads"],
                           head_dim=shape["head_size"], max_position_embeddings=context)
     return Plan(version=PLAN_VERSION, model=fp, sink_tokens=sink, elastic="position",
-                min_window=64, max_span_classes=16, rules=rules,
+                min_window=64, max_head_classes=16, rules=rules,
                 provenance=Provenance(method="benchmark", created=now_iso(),
                                       details={"density": density}))
 
@@ -91,7 +91,7 @@ def held_block_ids(head_class, context: int, block: int) -> list[int]:
 
 
 def moa_pages_per_request(classes, context: int, block: int) -> int:
-    return sum(len(held_block_ids(c, context, block)) * len(c.slots) for c in classes)
+    return sum(len(held_block_ids(c, context, block)) * len(c.kv_heads) for c in classes)
 
 
 def build_moa_cache(plan, classes, assignment, batch, context, block, head_size, dtype,
@@ -101,7 +101,7 @@ def build_moa_cache(plan, classes, assignment, batch, context, block, head_size,
     per_class = [batch * len(h) for h in held]
     slot_base, base = [[0] * plan.model.num_kv_heads for _ in range(plan.model.num_layers)], 0
     for c in classes:
-        for layer, j in c.slots:
+        for layer, j in c.kv_heads:
             slot_base[layer][j] = base
             base += per_class[c.index]
     storage = torch.empty(base, 1, block, 2 * head_size, dtype=dtype, device=device)
@@ -232,9 +232,8 @@ def read_bytes(plan, batch, context, element) -> int:
     from moa_vllm.span_classes import head_density
 
     D = plan.model.head_dim
-    tokens = sum(head_density(a, b, context, plan.sink_tokens, plan.min_window, plan.elastic,
-                              plan.granule)
-                 * context for row in plan.rules for a, b in row)
+    tokens = sum(head_density(a, b, context, plan.span_params) * context
+                 for row in plan.rules for a, b in row)
     return int(batch * tokens * 2 * D * element)
 
 

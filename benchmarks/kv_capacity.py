@@ -77,17 +77,13 @@ def fp8_refusal(model: str, dtype: str) -> str | None:
     import torch
     from transformers import AutoConfig
 
-    from moa_vllm.engine.vllm_surface.ops import cpu_attention_isa
+    from moa_vllm.engine.vllm_surface.ops import cpu_cache_refusal
     from moa_vllm.plan import fingerprint_from_hf_config
 
     if torch.cuda.is_available():
         return None
     head_dim = fingerprint_from_hf_config(AutoConfig.from_pretrained(model)).head_dim
-    try:
-        cpu_attention_isa(getattr(torch, dtype), 32, head_dim, "fp8")
-    except NotImplementedError as err:
-        return str(err)
-    return None
+    return cpu_cache_refusal(getattr(torch, dtype), 32, head_dim, "fp8")
 
 
 def main() -> int:

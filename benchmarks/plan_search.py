@@ -41,7 +41,7 @@ def main() -> None:
         density_lengths = sorted({256, *spec["lengths"], *objective_lengths(spec["max_context"])})
         prob, rules = random_problem(spec["layers"], spec["heads"], spec["lengths"],
                                      density_lengths, args.density, spec["max_context"], seed=0,
-                                     max_span_classes=args.classes)
+                                     max_head_classes=args.classes)
         build = time.perf_counter() - t0
         w = np.zeros(len(spec["lengths"]))
         w[-1] = 1

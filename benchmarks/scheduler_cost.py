@@ -1,5 +1,5 @@
 """What head classes cost the engine: one decode step, and the scheduler's part of
-it, for 1 class vs more (the same rules, ``max_span_classes`` changed and the
+it, for 1 class vs more (the same rules, ``max_head_classes`` changed and the
 classes derived), side by side in one run, as ratios to 1 class.
 
     PYTHONSAFEPATH=1 .venv/bin/python benchmarks/scheduler_cost.py \\
@@ -71,7 +71,7 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--plan", required=True)
-    ap.add_argument("--classes", default="1,9,18", help="max_span_classes to compare")
+    ap.add_argument("--classes", default="1,9,18", help="max_head_classes to compare")
     ap.add_argument("--length", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=64)
@@ -84,7 +84,7 @@ def main() -> int:
     rows = []
     for k in [int(x) for x in args.classes.split(",")]:
         path = tmp / f"plan-{k}.json"
-        plan.model_copy(update={"max_span_classes": k, "head_classes": None}).save(path)
+        plan.model_copy(update={"max_head_classes": k, "head_classes": None}).save(path)
         rows.append(time_steps(args.model, str(path), args.length, args.batch, args.steps))
         print(json.dumps(rows[-1]), flush=True)
     base = rows[0]

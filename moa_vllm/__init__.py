@@ -2,7 +2,7 @@
 
 Modules, one concern each:
 - ``span_mask``: the exact mask semantics (the one definition of W and of who
-  attends to whom);
+  attends to whom) and ``SpanParams``, what every head of a plan shares;
 - ``plan``: plan format v1 (pydantic), loading, fingerprints, baselines;
 - ``plan_discovery``: which plan serves a model;
 - ``span_classes``: head classes, the KV heads (layer, KV head) of one KV-cache group;

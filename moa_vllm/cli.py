@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = plan.add_parser("show", help="densities and head classes of a plan")
     p.add_argument("plan")
     p.add_argument("--head-classes", type=int,
-                   help="head classes at most (default: the plan's max_span_classes)")
+                   help="head classes at most (default: the plan's max_head_classes)")
     p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
     p.add_argument("--png", help="write a layer x KV head heatmap of the spans here")

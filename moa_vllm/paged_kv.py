@@ -1,6 +1,6 @@
 """vLLM's paged KV-cache layouts as our kernels, torch path and oracle read them.
 
-One layer's (slot's) cache is a ``[num_blocks, num_kv_heads, block_size,
+One layer's (one KV head's, under MoA) cache is a ``[num_blocks, num_kv_heads, block_size,
 2 * head_size]`` tensor; what lies inside a block depends on who writes it:
 
 - ``TOKEN_ROWS``: one row per token, K in the first half, V in the second

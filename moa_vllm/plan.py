@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from moa_vllm.span_mask import ElasticMode, LayerSpans, quantize_beta
+from moa_vllm.span_mask import ElasticMode, LayerSpans, SpanParams, quantize_beta
 
 PLAN_FORMAT = "moa-plan"
 PLAN_VERSION = 1
@@ -110,13 +110,15 @@ class Plan(BaseModel):
     """Every head reads every key while the elastic length is at most this many
     tokens (``span_mask``): short prompts stay exact. 0 (a plan without the field):
     the rules apply at every length."""
-    max_span_classes: int = Field(default=4, ge=1)
+    max_head_classes: int = Field(default=4, ge=1, validation_alias=AliasChoices(
+        "max_head_classes", "max_span_classes"))
     """Head classes (KV-cache groups) at most: the runtime uses the largest count
-    that splits the (layer, KV head) slots evenly."""
+    that splits the KV heads evenly. (Plans written before the field's rename name
+    it ``max_span_classes``.)"""
     rules: list[list[tuple[int, float]] | None]
     """``[layer][kv head]``; ``null`` for a layer the model windows itself."""
     head_classes: list[list[int] | None] | None = None
-    """Optional class of every (layer, KV head) slot, ``[layer][kv head]`` (``null``
+    """Optional class of every (layer, KV head), ``[layer][kv head]`` (``null``
     where ``rules`` is), classes ``0..k-1`` of equal sizes (the search writes one);
     without it the runtime derives one (``span_classes.head_class_assignment``)."""
     provenance: Provenance
@@ -165,6 +167,11 @@ class Plan(BaseModel):
         """``(layer, rules)`` of every layer MoA serves (not the model-windowed ones)."""
         return [(layer, row) for layer, row in enumerate(self.rules) if row is not None]
 
+    @property
+    def span_params(self) -> SpanParams:
+        return SpanParams(self.sink_tokens, self.min_window, self.elastic, self.granule,
+                          self.exact_floor)
+
     def layer_spans(self, layer: int, kv_heads: slice | None = None) -> LayerSpans:
         """Rules of one layer as tensors; ``kv_heads`` selects a tensor-parallel slice."""
         if self.rules[layer] is None:
@@ -173,11 +180,7 @@ class Plan(BaseModel):
         return LayerSpans(
             alpha=torch.tensor([a for a, _ in row], dtype=torch.int32),
             beta_q=torch.tensor([quantize_beta(b) for _, b in row], dtype=torch.int32),
-            sink_tokens=self.sink_tokens,
-            min_window=self.min_window,
-            elastic=self.elastic,
-            granule=self.granule,
-            exact_floor=self.exact_floor,
+            params=self.span_params,
         )
 
     def mask_spans(self, layer: int) -> LayerSpans:

@@ -36,7 +36,7 @@ class DensityAt(BaseModel):
 
 class HeadClassReport(BaseModel):
     index: int
-    slots: list[tuple[int, int]]  # (layer, KV head)
+    kv_heads: list[tuple[int, int]]  # (layer, KV head)
     rules: int  # distinct rules in the class; it holds the blocks of the widest
     allocated_density: list[float]  # the class alone, at the report's lengths
 
@@ -78,7 +78,7 @@ def density_table(plan: Plan, lengths: list[int], block_size: int,
 def class_reports(classes: tuple[HeadClass, ...], lengths: list[int],
                   block_size: int) -> list[HeadClassReport]:
     return [HeadClassReport(
-                index=c.index, slots=list(c.slots), rules=len(c.rules),
+                index=c.index, kv_heads=list(c.kv_heads), rules=len(c.rules),
                 allocated_density=[c.held_blocks(n, n, block_size) / cdiv(n, block_size)
                                    for n in lengths])
             for c in classes]
@@ -87,7 +87,7 @@ def class_reports(classes: tuple[HeadClass, ...], lengths: list[int],
 def plan_report(plan: Plan, source: str, how: str, block_size: int,
                 lengths: list[int] | None = None,
                 classes: tuple[HeadClass, ...] | None = None) -> PlanReport:
-    """``classes``: the engine's (tensor-parallel slots); default: one GPU's."""
+    """``classes``: the engine's (tensor-parallel KV heads); default: one GPU's."""
     lengths = lengths or report_lengths(plan)
     classes = classes or assign_head_classes(plan)
     return PlanReport(
@@ -134,8 +134,8 @@ def banner(report: PlanReport) -> str:
         f"elastic={report.elastic}, {report.sink_tokens} sinks, "
         + (f"granule {report.granule}, " if report.granule > 1 else "")
         + (f"exact up to {report.exact_floor} tokens, " if report.exact_floor else "") +
-        f"{len(report.head_classes)} head classes of {len(report.head_classes[0].slots)} "
-        "(layer, KV head) slots)",
+        f"{len(report.head_classes)} head classes of {len(report.head_classes[0].kv_heads)} "
+        "KV heads)",
     ]
     if report.model.windowed_layers:
         lines.append(f"  MoA serves the {len(report.model.full_layers)} full-attention layers; "

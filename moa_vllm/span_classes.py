@@ -1,14 +1,14 @@
-"""Head classes: the (layer, KV head) slots that share one vLLM block table.
+"""Head classes: the KV heads (layer, local KV head) that share one vLLM block table.
 
 vLLM frees KV blocks per KV-cache group, and all "layers" of a group share one
-block table. The engine gives every (layer, local KV head) slot its own one-head
-KV-cache layer, so a group is a set of slots: a *head class*. A class can only
-free what is dead for every slot in it, so it holds the blocks of its widest
-rule. Classes have equal sizes (vLLM splits and pads groups of unequal sizes).
+block table. The engine gives every KV head its own one-head KV-cache layer, so a
+group is a set of KV heads: a *head class*. A class can only free what is dead
+for every KV head in it, so it holds the blocks of its widest rule. Classes have
+equal sizes (vLLM splits and pads groups of unequal sizes).
 
 The same arithmetic serves the KV-cache manager (what to free), the engine (which
-slot goes to which group), the plan tools and the planner (the allocated density
-the runtime will actually achieve).
+KV head goes to which group), the plan tools and the planner (the allocated
+density the runtime will actually achieve).
 """
 
 from __future__ import annotations
@@ -19,17 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from moa_vllm.plan import Plan
-from moa_vllm.span_mask import (
-    ElasticMode,
-    elastic_length,
-    first_needed_position,
-    quantize_beta,
-    window_size,
-)
+from moa_vllm.span_mask import SpanParams, quantize_beta, window_size
 
 ASSIGNMENT_BLOCK_SIZE = 16  # block size the derived assignment is optimised for
 
-Slot = tuple[int, int]  # (layer, local KV head)
+KVHead = tuple[int, int]  # (layer, local KV head)
 Rule = tuple[int, int]  # (alpha, beta_q)
 
 
@@ -39,21 +33,16 @@ def cdiv(a: int, b: int) -> int:
 
 @dataclass(frozen=True)
 class HeadClass:
-    """The slots of one KV-cache group and the distinct rules they hold."""
+    """The KV heads of one KV-cache group and the distinct rules they hold."""
 
     index: int
-    slots: tuple[Slot, ...]
+    kv_heads: tuple[KVHead, ...]
     rules: tuple[Rule, ...]
-    sink_tokens: int
-    min_window: int
-    elastic: ElasticMode
-    granule: int = 1
-    exact_floor: int = 0
+    params: SpanParams
 
     def window(self, n: int) -> int:
         """The widest window of the class at elastic length ``n``."""
-        return max(window_size(a, b, n, self.min_window, self.exact_floor)
-                   for a, b in self.rules)
+        return max(self.params.window(a, b, n) for a, b in self.rules)
 
     def dead_blocks(
         self, processed_tokens: int, prompt_len: int, block_size: int
@@ -62,10 +51,9 @@ class HeadClass:
 
         The next query is at position ``processed_tokens``; sink blocks stay.
         """
-        t = processed_tokens
-        w = self.window(elastic_length(t, prompt_len, self.elastic))
-        first_needed = first_needed_position(t, w, self.sink_tokens, self.granule)
-        return cdiv(self.sink_tokens, block_size), first_needed // block_size
+        t, p = processed_tokens, self.params
+        first_needed = p.first_needed(t, self.window(p.elastic_length(t, prompt_len)))
+        return cdiv(p.sink_tokens, block_size), first_needed // block_size
 
     def held_blocks(self, num_tokens: int, prompt_len: int, block_size: int) -> int:
         """Blocks a request of ``num_tokens`` tokens holds at steady decode."""
@@ -78,13 +66,14 @@ class HeadClass:
         granule, or in position mode the exact floor if that is more, + the
         in-flight chunk): its admission cap, as vLLM's sliding-window manager has
         one."""
+        p = self.params
         window = self.window(prompt_len)  # windows never shrink as N grows
-        held = window - 1 + self.granule - 1
-        if self.elastic == "position":  # queries up to the floor read (and keep) all keys
-            held = max(held, min(self.exact_floor, prompt_len))
+        held = window - 1 + p.granule - 1
+        if p.elastic == "position":  # queries up to the floor read (and keep) all keys
+            held = max(held, min(p.exact_floor, prompt_len))
         tokens = min(prompt_len, held + in_flight_tokens)
         return min(cdiv(prompt_len, block_size),
-                   cdiv(self.sink_tokens, block_size) + cdiv(tokens, block_size) + 1)
+                   cdiv(p.sink_tokens, block_size) + cdiv(tokens, block_size) + 1)
 
 
 def concurrency(classes: tuple[HeadClass, ...], length: int, in_flight_tokens: int,
@@ -100,7 +89,7 @@ def concurrency(classes: tuple[HeadClass, ...], length: int, in_flight_tokens: i
     return 1 + (pool_blocks - peak) / held
 
 
-def num_span_classes(num_items: int, max_classes: int) -> int:
+def num_head_classes(num_items: int, max_classes: int) -> int:
     """Largest class count <= max_classes that splits the items evenly."""
     return max(k for k in range(1, max_classes + 1) if num_items % k == 0)
 
@@ -117,9 +106,9 @@ def rank_kv_heads(num_kv_heads: int, tp_size: int, rank: int) -> range:
     return range(start, start + local)
 
 
-def slot_rules(plan: Plan, tp_size: int = 1) -> dict[Slot, tuple[Rule, ...]]:
-    """Each (layer, local KV head) slot's rules: those of the heads that sit in that
-    slot on some rank (every rank must report the same spec for a slot)."""
+def kv_head_rules(plan: Plan, tp_size: int = 1) -> dict[KVHead, tuple[Rule, ...]]:
+    """Each (layer, local KV head)'s rules: those of the plan's heads that sit there
+    on some rank (every rank must report the same spec for it)."""
     heads = plan.model.num_kv_heads
     out = {}
     for layer, row in plan.layer_rules():
@@ -142,17 +131,17 @@ def objective_lengths(context: int) -> list[int]:
 
 
 class _Objective:
-    """Held blocks of every slot alone at the objective lengths: a class holds the
-    maximum over its slots (held blocks grow with the window)."""
+    """Held blocks of every KV head alone at the objective lengths: a class holds the
+    maximum over its KV heads (held blocks grow with the window)."""
 
-    def __init__(self, plan: Plan, rules: dict[Slot, tuple[Rule, ...]], slots: list[Slot]):
+    def __init__(self, plan: Plan, rules: dict[KVHead, tuple[Rule, ...]],
+                 kv_heads: list[KVHead]):
         lengths = objective_lengths(plan.model.max_position_embeddings)
         bs = ASSIGNMENT_BLOCK_SIZE
         self.held = np.array([
-            [HeadClass(0, (s,), rules[s], plan.sink_tokens, plan.min_window,
-                       plan.elastic, plan.granule, plan.exact_floor).held_blocks(n, n, bs)
+            [HeadClass(0, (s,), rules[s], plan.span_params).held_blocks(n, n, bs)
              for n in lengths]
-            for s in slots], dtype=np.float64)  # [slots, lengths]
+            for s in kv_heads], dtype=np.float64)  # [KV heads, lengths]
         self.weight = 1.0 / np.array([cdiv(n, bs) for n in lengths], dtype=np.float64)
 
     def totals(self, classes: list[list[int]]) -> np.ndarray:
@@ -165,7 +154,7 @@ class _Objective:
 
 def _improve(obj: _Objective, classes: list[list[int]], ceiling: np.ndarray | None,
              max_passes: int = 20) -> list[list[int]]:
-    """Swap slots between classes while the weighted held blocks fall, never
+    """Swap KV heads between classes while the weighted held blocks fall, never
     above ``ceiling`` at any length."""
     classes = [list(c) for c in classes]
     held, w = obj.held, obj.weight
@@ -207,10 +196,10 @@ def _max_without(rows: np.ndarray) -> np.ndarray:
 
 def head_class_assignment(plan: Plan, tp_size: int = 1,
                           max_classes: int | None = None) -> list[list[int]]:
-    """Class of every (layer, local KV head) slot, ``[layer][local head]``.
+    """Class of every (layer, local KV head), ``[layer][local head]``.
 
     The plan's own assignment when it carries one (TP = 1); else derived: equal
-    classes, slots sorted by their widest window at the context length, then
+    classes, KV heads sorted by their widest window at the context length, then
     improved by swaps (weighted held blocks over ``objective_lengths``). The
     ``gcd(k, layers)`` layer classes (layers sorted by their widest window, as the
     layer-class runtime cut them), each cut into equal head classes, are a second
@@ -220,42 +209,42 @@ def head_class_assignment(plan: Plan, tp_size: int = 1,
     """
     if plan.head_classes is not None and tp_size == 1:
         return [list(row or ()) for row in plan.head_classes]
-    rules = slot_rules(plan, tp_size)
-    slots = sorted(rules)
-    max_classes = max_classes or plan.max_span_classes
-    k = num_span_classes(len(slots), max_classes)
-    size = len(slots) // k
+    rules = kv_head_rules(plan, tp_size)
+    kv_heads = sorted(rules)
+    max_classes = max_classes or plan.max_head_classes
+    k = num_head_classes(len(kv_heads), max_classes)
+    size = len(kv_heads) // k
     n_ref = plan.model.max_position_embeddings
-    obj = _Objective(plan, rules, slots)
+    obj = _Objective(plan, rules, kv_heads)
 
-    def widest(i: int) -> tuple[int, Slot]:
-        s = slots[i]
+    def widest(i: int) -> tuple[int, KVHead]:
+        s = kv_heads[i]
         return max(window_size(a, b, n_ref, plan.min_window) for a, b in rules[s]), s
 
-    order = sorted(range(len(slots)), key=widest)
+    order = sorted(range(len(kv_heads)), key=widest)
     candidates = [_improve(obj, [order[c * size:(c + 1) * size] for c in range(k)], None)]
     full_layers = plan.model.full_layers
     layers = len(full_layers)
     k_layer = math.gcd(k, layers)
     if k_layer > 1:  # layer classes, each cut into k / k_layer head classes
         layer_order = sorted(full_layers, key=lambda l: max(
-            widest(i) for i in range(len(slots)) if slots[i][0] == l))
+            widest(i) for i in range(len(kv_heads)) if kv_heads[i][0] == l))
         refined = []
         for c in range(k_layer):
             members = set(layer_order[c * layers // k_layer:(c + 1) * layers // k_layer])
-            part = sorted((i for i in range(len(slots)) if slots[i][0] in members), key=widest)
+            part = sorted((i for i in range(len(kv_heads)) if kv_heads[i][0] in members), key=widest)
             refined += [part[p * size:(p + 1) * size] for p in range(len(part) // size)]
         candidates.append(_improve(obj, refined, obj.totals(refined)))
         if not (obj.totals(candidates[0]) <= obj.totals(refined) + 1e-9).all():
             candidates.pop(0)  # it holds more than the layer classes somewhere
     best = min(candidates, key=obj.cost)
     local = local_kv_heads(plan.model.num_kv_heads, tp_size)
-    windowed = set(plan.model.windowed_layers)  # no slots: rows stay empty
+    windowed = set(plan.model.windowed_layers)  # no KV heads: rows stay empty
     assignment = [[] if layer in windowed else [0] * local
                   for layer in range(plan.model.num_layers)]
-    for c, members in enumerate(sorted(best, key=lambda m: min(slots[i] for i in m))):
+    for c, members in enumerate(sorted(best, key=lambda m: min(kv_heads[i] for i in m))):
         for i in members:
-            layer, j = slots[i]
+            layer, j = kv_heads[i]
             assignment[layer][j] = c
     return assignment
 
@@ -263,20 +252,20 @@ def head_class_assignment(plan: Plan, tp_size: int = 1,
 def single_rule_classes(rules: list[list[tuple[int, float]]], num_classes: int,
                         max_position: int, min_window: int) -> list[list[int]]:
     """The assignment of a plan whose classes hold one rule each (what the search
-    makes): the slots of each rule cut into classes of ``slots / num_classes``,
-    numbered by window at ``max_position``. Each rule's slot count must be a
+    makes): the KV heads of each rule cut into classes of ``KV heads / num_classes``,
+    numbered by window at ``max_position``. Each rule's KV-head count must be a
     multiple of the class size."""
-    slots = [(layer, h) for layer, row in enumerate(rules) if row is not None
+    kv_heads = [(layer, h) for layer, row in enumerate(rules) if row is not None
              for h in range(len(row))]
-    size, rest = divmod(len(slots), num_classes)
-    by_rule: dict[Rule, list[Slot]] = {}
-    for layer, h in slots:
+    size, rest = divmod(len(kv_heads), num_classes)
+    by_rule: dict[Rule, list[KVHead]] = {}
+    for layer, h in kv_heads:
         alpha, beta = rules[layer][h]
         by_rule.setdefault((alpha, quantize_beta(beta)), []).append((layer, h))
     bad = {r: len(m) for r, m in by_rule.items() if len(m) % max(1, size)}
     if rest or bad:
         raise ValueError(f"{num_classes} single-rule classes need each rule on a multiple of "
-                         f"{size} slots of {len(slots)}; got rule counts {bad}")
+                         f"{size} kv_heads of {len(kv_heads)}; got rule counts {bad}")
     assignment = [None if row is None else [0] * len(row) for row in rules]
     order = sorted(by_rule, key=lambda r: (window_size(*r, max_position, min_window), r))
     c = 0
@@ -292,15 +281,14 @@ def single_rule_classes(rules: list[list[tuple[int, float]]], num_classes: int,
 def head_classes(plan: Plan, assignment: list[list[int]], tp_size: int = 1
                  ) -> tuple[HeadClass, ...]:
     """The classes of an assignment (``head_class_assignment``)."""
-    rules = slot_rules(plan, tp_size)
-    members: dict[int, list[Slot]] = {}
+    rules = kv_head_rules(plan, tp_size)
+    members: dict[int, list[KVHead]] = {}
     for layer, row in enumerate(assignment):
         for j, c in enumerate(row):
             members.setdefault(c, []).append((layer, j))
     return tuple(
         HeadClass(c, tuple(members[c]), tuple(sorted({r for s in members[c] for r in rules[s]})),
-                  plan.sink_tokens, plan.min_window, plan.elastic, plan.granule,
-                  plan.exact_floor)
+                  plan.span_params)
         for c in sorted(members))
 
 
@@ -309,22 +297,19 @@ def assign_head_classes(plan: Plan, tp_size: int = 1,
     return head_classes(plan, head_class_assignment(plan, tp_size, max_classes), tp_size)
 
 
-def head_density(alpha: int, beta: float, length: int, sink_tokens: int, min_window: int,
-                 elastic: ElasticMode, granule: int = 1, exact_floor: int = 0) -> float:
+def head_density(alpha: int, beta: float, length: int, params: SpanParams) -> float:
     """Fraction of a ``length``-token KV cache that the next query of one head still
     reads (token granularity, what the kernels read)."""
-    n = elastic_length(length, length, elastic)
-    w = window_size(alpha, quantize_beta(beta), n, min_window, exact_floor)
-    first = first_needed_position(length, w, sink_tokens, granule)
-    kept = min(sink_tokens, length) + max(0, length - first)
+    w = params.window(alpha, quantize_beta(beta), params.elastic_length(length, length))
+    first = params.first_needed(length, w)
+    kept = min(params.sink_tokens, length) + max(0, length - first)
     return min(kept, length) / length
 
 
 def average_density(plan: Plan, length: int) -> float:
     """Mean ``head_density`` over every KV head MoA serves (full-attention layers)."""
     rows = [row for _, row in plan.layer_rules()]
-    total = sum(head_density(alpha, beta, length, plan.sink_tokens, plan.min_window,
-                             plan.elastic, plan.granule, plan.exact_floor)
+    total = sum(head_density(alpha, beta, length, plan.span_params)
                 for row in rows for alpha, beta in row)
     return total / (len(rows) * plan.model.num_kv_heads)
 
@@ -335,8 +320,8 @@ def allocated_density(plan: Plan, length: int, block_size: int,
     request (the prompt is the whole length): what vLLM's block pool will show."""
     classes = classes or assign_head_classes(plan)
     dense = cdiv(length, block_size)
-    held = sum(c.held_blocks(length, length, block_size) * len(c.slots) for c in classes)
-    return held / (sum(len(c.slots) for c in classes) * dense)
+    held = sum(c.held_blocks(length, length, block_size) * len(c.kv_heads) for c in classes)
+    return held / (sum(len(c.kv_heads) for c in classes) * dense)
 
 
 def windowed_held_blocks(window: int, length: int, block_size: int) -> int:

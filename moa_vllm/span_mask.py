@@ -65,7 +65,7 @@ def elastic_lengths(
     spans: "LayerSpans", q_pos: torch.Tensor, prompt_len: int | None
 ) -> torch.Tensor:
     """N for each query position of one request (the tensor form of ``elastic_length``)."""
-    if spans.elastic == "position":
+    if spans.params.elastic == "position":
         return q_pos + 1
     assert prompt_len is not None, "elastic='prompt' needs the prompt length"
     return torch.full_like(q_pos, prompt_len)
@@ -89,42 +89,54 @@ def first_needed_position(
 
 
 @dataclass(frozen=True)
-class LayerSpans:
-    """The rules of one attention layer, one per KV head (tensors on any device)."""
+class SpanParams:
+    """What every head's span shares besides its rule (a plan's, a head class's, a
+    layer's): the sinks, the smallest window, the elastic mode, the granule and the
+    exact floor."""
 
-    alpha: torch.Tensor  # [num_kv_heads] int32
-    beta_q: torch.Tensor  # [num_kv_heads] int32
     sink_tokens: int
     min_window: int
     elastic: ElasticMode
     granule: int = 1
     exact_floor: int = 0
 
+    def window(self, alpha: int, beta_q: int, n: int) -> int:
+        """``window_size`` of one rule under these parameters."""
+        return window_size(alpha, beta_q, n, self.min_window, self.exact_floor)
+
+    def elastic_length(self, position: int, prompt_len: int) -> int:
+        return elastic_length(position, prompt_len, self.elastic)
+
+    def first_needed(self, position: int, window: int) -> int:
+        """``first_needed_position`` under these sinks and granule."""
+        return first_needed_position(position, window, self.sink_tokens, self.granule)
+
+
+@dataclass(frozen=True)
+class LayerSpans:
+    """The rules of one attention layer, one per KV head (tensors on any device)."""
+
+    alpha: torch.Tensor  # [num_kv_heads] int32
+    beta_q: torch.Tensor  # [num_kv_heads] int32
+    params: SpanParams
+
     @classmethod
     def model_window(cls, window: int, num_kv_heads: int) -> LayerSpans:
         """A layer the model windows itself (vLLM's sliding window and HF's): each
         query reads its last ``window`` keys, itself included, and no sinks."""
         alpha = torch.full((num_kv_heads,), window, dtype=torch.int32)
-        return cls(alpha, torch.zeros_like(alpha), 0, 1, "position")
+        return cls(alpha, torch.zeros_like(alpha), SpanParams(0, 1, "position"))
 
     def to(self, device: torch.device | str) -> LayerSpans:
-        return LayerSpans(
-            self.alpha.to(device),
-            self.beta_q.to(device),
-            self.sink_tokens,
-            self.min_window,
-            self.elastic,
-            self.granule,
-            self.exact_floor,
-        )
+        return LayerSpans(self.alpha.to(device), self.beta_q.to(device), self.params)
 
     def windows(self, n: torch.Tensor) -> torch.Tensor:
         """W per (KV head, query): ``n`` is ``[Tq]`` elastic lengths -> ``[Hkv, Tq]``."""
         n = n.to(torch.int64)[None, :]
         beta_q = self.beta_q.to(torch.int64)[:, None]
         alpha = self.alpha.to(torch.int64)[:, None]
-        w = torch.clamp(alpha + beta_growth(beta_q, n), min=self.min_window)
-        return torch.where(n <= self.exact_floor, FULL_WINDOW, w)
+        w = torch.clamp(alpha + beta_growth(beta_q, n), min=self.params.min_window)
+        return torch.where(n <= self.params.exact_floor, FULL_WINDOW, w)
 
     def mask(
         self, q_pos: torch.Tensor, k_pos: torch.Tensor, n: torch.Tensor
@@ -133,21 +145,22 @@ class LayerSpans:
         w = self.windows(n)[:, :, None]
         t = q_pos.to(torch.int64)[None, :, None]
         j = k_pos.to(torch.int64)[None, None, :]
-        return (j <= t) & ((j < self.sink_tokens) | (j >= window_start(t, w, self.granule)))
+        p = self.params
+        return (j <= t) & ((j < p.sink_tokens) | (j >= window_start(t, w, p.granule)))
 
     def first_keys(self, q_pos: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         """``[Hkv, Tq]`` int64: each query reads the sinks and every key from this on
         (``first_needed_position`` of each head, in tensors)."""
-        start = window_start(q_pos.to(torch.int64)[None, :], self.windows(n), self.granule)
-        return torch.clamp(start, min=self.sink_tokens)
+        start = window_start(q_pos.to(torch.int64)[None, :], self.windows(n), self.params.granule)
+        return torch.clamp(start, min=self.params.sink_tokens)
 
     def key_positions(self, first_query: int, first_n: int, seq_len: int) -> torch.Tensor:
         """Keys a chunk of queries starting at ``first_query`` may read: the sinks and
         everything from the widest head's window start on. Window starts never
         move backwards, so later queries of the chunk need nothing earlier."""
         widest = int(self.windows(torch.tensor([first_n])).max())
-        start = first_needed_position(first_query, widest, self.sink_tokens, self.granule)
-        sinks = torch.arange(min(self.sink_tokens, seq_len))
+        start = self.params.first_needed(first_query, widest)
+        sinks = torch.arange(min(self.params.sink_tokens, seq_len))
         return torch.cat([sinks, torch.arange(min(start, seq_len), seq_len)])
 
 

@@ -30,13 +30,9 @@ def cpu_holds_fp8() -> bool:
     ``test_engine_plan`` checks, and the tests of fp8 arithmetic have nothing to run."""
     import torch
 
-    from moa_vllm.engine.vllm_surface.ops import cpu_attention_isa
+    from moa_vllm.engine.vllm_surface.ops import cpu_cache_refusal
 
-    try:
-        cpu_attention_isa(torch.float32, 32, 64, "fp8")
-    except NotImplementedError:
-        return False
-    return True
+    return cpu_cache_refusal(torch.float32, 32, 64, "fp8") is None
 
 
 def model_fingerprint(model_dir):

@@ -62,7 +62,7 @@ def test_plans_without_a_granule_are_token_exact():
     data = good()
     del data["granule"]
     plan = plan_from_dict(data, "old.json")
-    assert plan.granule == 1 and plan.layer_spans(0).granule == 1
+    assert plan.granule == 1 and plan.layer_spans(0).params.granule == 1
 
 
 def test_nan_in_json_file(tmp_path):
@@ -116,7 +116,7 @@ def test_hybrid_plans_have_rules_for_the_full_layers_only(tmp_path):
     with pytest.raises(ValueError, match="layer 0 is windowed by the model"):
         plan.layer_spans(0)
     window = plan.mask_spans(0)  # the model's own window in the references
-    assert window.alpha.tolist() == [512] and window.sink_tokens == 0
+    assert window.alpha.tolist() == [512] and window.params.sink_tokens == 0
 
 
 @pytest.mark.parametrize("mutate", [

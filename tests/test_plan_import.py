@@ -16,7 +16,7 @@ import torch
 from moa_vllm.plan import PlanError, fingerprint_from_hf_config, load_plan
 from moa_vllm.planner.reference_import import import_reference, model_context, source_record
 from moa_vllm.span_classes import head_density
-from moa_vllm.span_mask import beta_growth, quantize_beta
+from moa_vllm.span_mask import SpanParams, beta_growth, quantize_beta
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ROOT / "plans" / "sources"
@@ -111,10 +111,9 @@ def test_each_rule_is_the_least_that_covers_its_group(name, plans):
             assert (np.maximum(ours, plan.min_window) >= widest).all(), (layer, kv)
             assert (ours - 1 < widest).any(), (layer, kv, alpha, beta)
             for n in (4096, 16384, 65536):
-                envelope = head_density(int(widest[n - 1025]), 0.0, n, 64, 1, "prompt",
-                                        plan.granule)
-                rule = head_density(alpha, beta, n, 64, plan.min_window, "prompt",
-                                    plan.granule, plan.exact_floor)
+                envelope = head_density(int(widest[n - 1025]), 0.0, n,
+                                        SpanParams(64, 1, "prompt", plan.granule))
+                rule = head_density(alpha, beta, n, plan.span_params)
                 assert envelope <= rule, (layer, kv, n)
                 excess[n] = excess.get(n, 0.0) + rule - envelope
                 heads[n] = heads.get(n, 0) + 1

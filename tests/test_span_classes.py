@@ -10,9 +10,9 @@ from moa_vllm.span_classes import (
     average_density,
     cdiv,
     head_classes,
-    num_span_classes,
+    num_head_classes,
     objective_lengths,
-    slot_rules,
+    kv_head_rules,
 )
 from moa_vllm.span_mask import quantize_beta, window_size
 
@@ -39,18 +39,18 @@ def random_plan(num_layers=30, num_kv_heads=3, seed=0, elastic="position", granu
 @pytest.mark.parametrize("items, k_max, expected", [(30, 4, 3), (30, 2, 2), (4, 4, 4), (7, 4, 1),
                                                      (90, 9, 9), (90, 10, 10)])
 def test_class_count_divides_the_slots(items, k_max, expected):
-    assert num_span_classes(items, k_max) == expected
+    assert num_head_classes(items, k_max) == expected
 
 
 @pytest.mark.parametrize("k", [1, 3, 9, 10])
 def test_classes_partition_slots_equally_and_hold_their_rules(k):
     plan = random_plan()
     classes = assign_head_classes(plan, max_classes=k)
-    slots = sorted(s for c in classes for s in c.slots)
+    slots = sorted(s for c in classes for s in c.kv_heads)
     assert slots == [(layer, h) for layer in range(30) for h in range(3)]
-    assert len(classes) == k and {len(c.slots) for c in classes} == {90 // k}
+    assert len(classes) == k and {len(c.kv_heads) for c in classes} == {90 // k}
     for c in classes:
-        for layer, head in c.slots:
+        for layer, head in c.kv_heads:
             alpha, beta = plan.rules[layer][head]
             assert (alpha, quantize_beta(beta)) in c.rules
 
@@ -83,7 +83,7 @@ def test_swaps_beat_the_sorted_cut_on_a_per_head_plan():
 
     plan = load_plan(ROOT / "tests" / "data" / "smollm2-135m-per-head-layer-classes.json")
     classes = assign_head_classes(plan, max_classes=9)
-    rules = slot_rules(plan)
+    rules = kv_head_rules(plan)
     order = sorted(rules, key=lambda s: (max(window_size(a, b, 8192, plan.min_window)
                                              for a, b in rules[s]), s))
     cut = [[0] * 3 for _ in range(30)]
@@ -101,13 +101,13 @@ def test_a_plans_own_assignment_is_served():
     assignment = [[0, 1], [1, 0], [0, 1], [1, 0]]
     plan = plan.model_copy(update={"head_classes": assignment})
     classes = assign_head_classes(plan)
-    assert [c.slots for c in classes] == [((0, 0), (1, 1), (2, 0), (3, 1)),
+    assert [c.kv_heads for c in classes] == [((0, 0), (1, 1), (2, 0), (3, 1)),
                                           ((0, 1), (1, 0), (2, 1), (3, 0))]
 
 
 def test_tensor_parallel_slots_hold_the_rules_of_every_rank():
     plan = random_plan(num_layers=2, num_kv_heads=4)
-    rules = slot_rules(plan, tp_size=2)
+    rules = kv_head_rules(plan, tp_size=2)
     assert sorted(rules) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     for (layer, j), held in rules.items():
         expected = {(a, quantize_beta(b)) for a, b in (plan.rules[layer][j],
@@ -136,7 +136,7 @@ def test_held_blocks_cover_every_needed_block(elastic, length, granule):
     plan = random_plan(seed=1, elastic=elastic, granule=granule)
     bs = 16
     for c in assign_head_classes(plan, max_classes=9):
-        needed = brute_force_held_blocks(plan, c.slots, length, bs)
+        needed = brute_force_held_blocks(plan, c.kv_heads, length, bs)
         first, last = c.dead_blocks(length, length, bs)
         dead = set(range(first, last))
         assert not needed & dead  # never frees a block some head reads
@@ -209,7 +209,7 @@ def test_hybrid_head_classes_cover_the_full_layers_only():
     plan = hybrid_plan()
     assignment = head_class_assignment(plan)
     assert [bool(row) for row in assignment] == [i % 6 == 5 for i in range(18)]
-    slots = sorted(s for c in assign_head_classes(plan) for s in c.slots)
+    slots = sorted(s for c in assign_head_classes(plan) for s in c.kv_heads)
     assert slots == [(5, 0), (11, 0), (17, 0)]
 
 

@@ -9,6 +9,7 @@ from moa_vllm.span_mask import (
     BETA_SCALE,
     FULL_WINDOW,
     LayerSpans,
+    SpanParams,
     first_needed_position,
     masked_attention,
     quantize_beta,
@@ -20,7 +21,7 @@ def spans(alphas, betas, sink=4, min_window=2, elastic="position", granule=1, ex
     return LayerSpans(
         torch.tensor(alphas, dtype=torch.int32),
         torch.tensor([quantize_beta(b) for b in betas], dtype=torch.int32),
-        sink, min_window, elastic, granule, exact_floor,
+        SpanParams(sink, min_window, elastic, granule, exact_floor),
     )
 
 

@@ -14,7 +14,7 @@ from moa_vllm.engine.vllm_surface.config import (
     set_moa_config_entry,
 )
 from moa_vllm.engine.vllm_surface.interface import logger, moa_requested
-from moa_vllm.engine.vllm_surface.ops import cpu_attention_isa, cuda_fp8_supported
+from moa_vllm.engine.vllm_surface.ops import cpu_cache_refusal, cuda_fp8_supported
 from moa_vllm.plan import Plan, PlanError, fingerprint_from_hf_config
 from moa_vllm.plan_discovery import prefix_caching_alternative, resolve_plan
 
@@ -57,13 +57,10 @@ def quantized_cache_problems(vllm_config, cache_dtype: str) -> list[str]:
                 "on compute capability 8.9 and above)"]
     if device != "cpu":
         return [f"kv_cache_dtype={cache_dtype} on {device} (MoA serves fp8 KV on CUDA and CPU)"]
-    try:
-        cpu_attention_isa(vllm_config.model_config.dtype,
-                                       vllm_config.cache_config.block_size,
-                                       vllm_config.model_config.get_head_size(), cache_dtype)
-    except NotImplementedError as err:
-        return [f"kv_cache_dtype={cache_dtype} on this CPU ({err})"]
-    return []
+    refusal = cpu_cache_refusal(vllm_config.model_config.dtype,
+                                vllm_config.cache_config.block_size,
+                                vllm_config.model_config.get_head_size(), cache_dtype)
+    return [f"kv_cache_dtype={cache_dtype} on this CPU ({refusal})"] if refusal else []
 
 
 def check_quantized_block_size(vllm_config, source: str) -> None:
@@ -120,9 +117,9 @@ def configure_engine(vllm_config) -> None:
     settle_block_size(vllm_config, plan, record.source, fingerprint.head_dim)
     check_quantized_block_size(vllm_config, record.source)
     logger.info("MoA plan %s (from %s): %s, elastic=%s, sinks=%d, %d head classes of %d "
-                "(layer, KV head) slots", record.source, record.how, plan.provenance.method,
+                "KV heads", record.source, record.how, plan.provenance.method,
                 plan.elastic, plan.sink_tokens, len(record.head_classes),
-                len(record.head_classes[0].slots))
+                len(record.head_classes[0].kv_heads))
     if plan.elastic == "prompt":
         if vllm_config.cache_config.enable_prefix_caching:
             vllm_config.cache_config.enable_prefix_caching = False

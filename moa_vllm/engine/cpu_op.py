@@ -156,7 +156,7 @@ class SpanRunBuilder:
         starts = new.nonzero().flatten()
         ends = torch.cat([starts[1:], starts.new_tensor([len(req)])])
         tables, lens = compact_block_tables(block_table[req[starts]], positions[ends - 1] + 1,
-                                            first[starts][None], self.rules.sink_tokens,
+                                            first[starts][None], self.rules.params.sink_tokens,
                                             self.block_size)
         query_start_loc = torch.cat([starts, ends[-1:]]).to(torch.int32)
         schedule = cpu_attn_schedule(len(starts), self.num_queries_per_kv, self.head_size,

@@ -1,9 +1,9 @@
 """MoA attention: writes the KV cache and attends within each KV head's span.
 
 Every local KV head of a layer has its own KV-cache layer (its own cache tensor,
-block table and slot mapping: its head class's group); slot 0 is the layer's
-own, the others are read from the forward context. The backend picks one of three
-implementations per engine (``backend.attention_path``):
+block table and slot mapping: its head class's group); KV head 0's is the
+layer's own, the others are read from the forward context. The backend picks one
+of three implementations per engine (``backend.attention_path``):
 
 - ``TritonImpl`` (CUDA): one launch of the Triton paged-KV kernel (``moa_kernels``)
   covers the layer: each KV head reads its own cache (an offset into the one KV
@@ -230,16 +230,16 @@ class TritonImpl(MoaAttentionImpl):
         fp8 ``kv_cache`` is dequantized on load with the layer's scale tensors."""
         from moa_kernels import span_attention_paged
 
-        spans = heads.spans
+        spans, params = heads.spans, heads.spans.params
         span_attention_paged(
             query=query, kv_cache=kv_cache, block_table=md.head_tables,
             query_start_loc=md.query_start_loc, seq_lens=md.seq_lens,
-            alpha=spans.alpha, beta_q=spans.beta_q, sink_tokens=spans.sink_tokens,
-            min_window=spans.min_window, exact_floor=spans.exact_floor,
-            elastic_position=spans.elastic == "position",
+            alpha=spans.alpha, beta_q=spans.beta_q, sink_tokens=params.sink_tokens,
+            min_window=params.min_window, exact_floor=params.exact_floor,
+            elastic_position=params.elastic == "position",
             prompt_lens=md.prompt_lens, scale=self.scale, output=output,
             max_query_len=md.max_query_len, max_seq_len=md.max_seq_len,
-            head_tables=heads.tables, head_offsets=heads.offsets, granule=spans.granule,
+            head_tables=heads.tables, head_offsets=heads.offsets, granule=params.granule,
             num_splits=md.num_splits, k_scale=k_scale, v_scale=v_scale,
         )
 

@@ -123,7 +123,7 @@ class MoaSpanManager(FullAttentionManager):
     ) -> None:
         if self.keep_all:
             return
-        if num_prompt_tokens is None and self.span.elastic == "prompt":
+        if num_prompt_tokens is None and self.span.params.elastic == "prompt":
             return  # N unknown: keep everything rather than guess
         blocks = request_blocks(self, request_id)
         if not blocks:

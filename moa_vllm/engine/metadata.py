@@ -128,11 +128,11 @@ class MoaAttentionMetadataBuilder(AttentionMetadataBuilder[MoaAttentionMetadata]
         got = {served.class_of(name).index for name in layer_names}
         # a pipeline stage holds the class's KV heads on its own layers
         whole = vllm_config.parallel_config.pipeline_parallel_size == 1
-        if got != {head_class.index} or (whole and len(layer_names) != len(head_class.slots)):
+        if got != {head_class.index} or (whole and len(layer_names) != len(head_class.kv_heads)):
             raise RuntimeError(
                 f"vLLM formed a KV-cache group of {len(layer_names)} KV heads of head classes "
                 f"{sorted(got)}; MoA needs each group to be exactly one head class "
-                f"({len(head_class.slots)} KV heads): vLLM's grouping changed")
+                f"({len(head_class.kv_heads)} KV heads): vLLM's grouping changed")
         self.served = served
         self.head_class = head_class.index
         self.num_kv_heads = served.num_local_kv_heads  # the real layers', not the KV-head layers'
@@ -189,9 +189,7 @@ class CpuOpMetadataBuilder(MoaAttentionMetadataBuilder):
             rule_of[name] = rules.setdefault(rule, len(rules))
         alpha, beta_q = zip(*rules)
         rules_spans = LayerSpans(torch.tensor(alpha, dtype=torch.int32),
-                                 torch.tensor(beta_q, dtype=torch.int32), plan.sink_tokens,
-                                 plan.min_window, plan.elastic, plan.granule,
-                                 plan.exact_floor)
+                                 torch.tensor(beta_q, dtype=torch.int32), plan.span_params)
         heads = config.model_config.get_num_attention_heads(config.parallel_config)
         return SpanRunBuilder(rules_spans, rule_of, spec.block_size, heads // self.num_kv_heads,
                               spec.head_size, dtype, kv.isa, cache_dtype)

@@ -25,7 +25,8 @@ def _parser_type(hint):
 def cmd_plan_search(args) -> None:
     import logging
 
-    from moa_vllm.planner.pipeline import SearchConfig, run_search
+    from moa_vllm.planner.pipeline import run_search
+    from moa_vllm.planner.search_config import SearchConfig
 
     logging.basicConfig(level=logging.INFO, format="[plan search] %(message)s")
     names = [f.name for f in dataclasses.fields(SearchConfig)]
@@ -47,7 +48,7 @@ def cmd_plan_search(args) -> None:
 
 def add_search_parser(plan_subparsers) -> None:
     """Adds `plan search` to the `moa-vllm plan` sub-commands."""
-    from moa_vllm.planner.pipeline import SearchConfig
+    from moa_vllm.planner.search_config import SearchConfig
 
     p = plan_subparsers.add_parser(
         "search", help="calibrate, profile, optimise (MILP) and validate a MoA plan")
@@ -91,7 +92,7 @@ def cmd_plan_import(args) -> None:
     context = args.context or model_context(hf_config)
     plan = import_reference(data, fingerprint_from_hf_config(hf_config), context,
                             source_record(path, args.commit, args.searched_on),
-                            args.max_span_classes)
+                            args.max_head_classes)
     plan.save(args.out)
     searched_on = plan.provenance.details["source"]["searched_on"]
     print(f"wrote {args.out}: the MoA authors' plan for {searched_on} ({LABEL}), "
@@ -106,7 +107,7 @@ def cmd_plan_import(args) -> None:
 def add_import_parser(plan_subparsers) -> None:
     """Adds `plan import` to the `moa-vllm plan` sub-commands."""
     from moa_vllm.plan_report import DEFAULT_BLOCK_SIZE
-    from moa_vllm.planner.reference_import import MAX_SPAN_CLASSES
+    from moa_vllm.planner.reference_import import MAX_HEAD_CLASSES
 
     p = plan_subparsers.add_parser(
         "import", help="convert one of the MoA authors' published plans (thu-nics/MoA, "
@@ -120,7 +121,7 @@ def add_import_parser(plan_subparsers) -> None:
                    "from their examples/<org>--<name>/ folder name)")
     p.add_argument("--context", type=int, help="longest prompt the rules must cover "
                    "(default: the model's context, linear RoPE scaling included)")
-    p.add_argument("--max-span-classes", type=int, default=MAX_SPAN_CLASSES,
+    p.add_argument("--max-head-classes", type=int, default=MAX_HEAD_CLASSES,
                    help="head classes at most (KV-cache groups)")
     p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
                    help="block size of the densities printed")

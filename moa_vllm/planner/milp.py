@@ -2,26 +2,26 @@
 (scipy.optimize.milp / HiGHS).
 
 The runtime frees KV blocks per head class (``span_classes``): a set of equal
-size of (layer, KV head) slots holding the blocks of its widest rule. The search
-gives every class one rule, so each slot holds exactly its own rule's blocks and
+size of KV heads (layer, KV head) holding the blocks of its widest rule. The search
+gives every class one rule, so each KV head holds exactly its own rule's blocks and
 the allocated density *is* the average density (within block rounding). Classes
 of one rule are interchangeable, so the program needs no class variables beyond a
 count per rule:
 
-* binary ``x[s, r]``: slot ``s`` (layer, KV head) uses rule ``r``; ``sum_r x = 1``;
+* binary ``x[s, r]``: KV head ``s`` (layer, KV head) uses rule ``r``; ``sum_r x = 1``;
 * integer ``m[r]``: classes holding rule ``r``; ``sum_s x[s, r] = size * m[r]``
-  (``size`` = slots per class, so ``sum_r m[r]`` is the class count);
+  (``size`` = KV heads per class, so ``sum_r m[r]`` is the class count);
 * average density at every length ``p`` of interest (the per-head terms of
-  ``span_classes.average_density``): ``sum x * dens[r, p] <= budget[p] * slots``;
-* allocated density (the block pool): ``sum x * held[r, p] <= alloc[p] * slots *
+  ``span_classes.average_density``): ``sum x * dens[r, p] <= budget[p] * heads``;
+* allocated density (the block pool): ``sum x * held[r, p] <= alloc[p] * heads *
   dense_blocks[p]``, exact for single-rule classes;
-* the budget is also spent: ``sum x * dens[r, p] >= (budget[p] - slack) * slots``,
+* the budget is also spent: ``sum x * dens[r, p] >= (budget[p] - slack) * heads``,
   so a plan cannot leave budget unused at one length (short prompts, most
   requests) to lower the loss at another.
 
 Budgets are ``max(density, the smallest density any rule reaches at p)``: at a
 few hundred tokens the sinks and ``min_window`` alone can exceed the budget, and
-every head is then at its floor. The slots of each rule become its classes in
+every head is then at its floor. The KV heads of each rule become its classes in
 ``span_classes.single_rule_classes``; every solution is checked with the
 runtime's own functions (``verify``).
 """
@@ -43,7 +43,7 @@ from moa_vllm.span_classes import cdiv
 class Problem:
     losses: np.ndarray  # [P_obj, layers, heads, rules]
     dens: np.ndarray  # [rules, P_cost] average-density term per head
-    held: np.ndarray  # [rules, P_cost] held blocks of a slot with rule r
+    held: np.ndarray  # [rules, P_cost] held blocks of a KV head with rule r
     dense_blocks: np.ndarray  # [P_cost]
     density: float
     allocated_density: float
@@ -111,26 +111,26 @@ class HeadClassMILP:
         self.time_limit = time_limit
         self.gap = mip_rel_gap
         nl, nh, nr = prob.shape
-        slots = nl * nh
+        heads = nl * nh
         k = prob.num_classes
-        if slots % k:
-            raise ValueError(f"{k} head classes do not split {slots} slots evenly")
-        size = slots // k
-        self.nx = nx = slots * nr
+        if heads % k:
+            raise ValueError(f"{k} head classes do not split {heads} KV heads evenly")
+        size = heads // k
+        self.nx = nx = heads * nr
         self.n = nx + nr
         b = _Builder()
         rules = np.arange(nr)
-        for s in range(slots):
+        for s in range(heads):
             b.add(s * nr + rules, np.ones(nr), 1, 1)
         for r in range(nr):
-            b.add(list(r + nr * np.arange(slots)) + [nx + r],
-                  np.concatenate([np.ones(slots), [-size]]), 0, 0)
+            b.add(list(r + nr * np.arange(heads)) + [nx + r],
+                  np.concatenate([np.ones(heads), [-size]]), 0, 0)
         all_x = np.arange(nx)
         for p in range(prob.dens.shape[1]):
-            b.add(all_x, np.tile(prob.dens[:, p], slots), prob.spent_budget[p] * slots,
-                  prob.density_budget[p] * slots)
-            b.add(all_x, np.tile(prob.held[:, p], slots), -np.inf,
-                  prob.allocated_budget[p] * slots * prob.dense_blocks[p])
+            b.add(all_x, np.tile(prob.dens[:, p], heads), prob.spent_budget[p] * heads,
+                  prob.density_budget[p] * heads)
+            b.add(all_x, np.tile(prob.held[:, p], heads), -np.inf,
+                  prob.allocated_budget[p] * heads * prob.dense_blocks[p])
         self.builder = b
         self.integrality = np.ones(self.n)
         ub = np.ones(self.n)
@@ -263,15 +263,13 @@ def pareto_filter(sols: list[Solution]) -> list[Solution]:
     return sorted(front, key=lambda s: tuple(s.objectives[::-1]))
 
 
-def cost_tables(rules, lengths, sink_tokens, min_window, elastic, block_size, granule=1,
-                exact_floor=0):
-    """dens/held ``[rules, lengths]`` and dense blocks ``[lengths]``."""
+def cost_tables(rules, lengths, params, block_size):
+    """dens/held ``[rules, lengths]`` and dense blocks ``[lengths]`` under ``params``
+    (``SpanParams``)."""
     from moa_vllm.planner.rules import rule_density, rule_held_blocks
 
-    dens = np.array([[rule_density(r, n, sink_tokens, min_window, elastic, granule, exact_floor)
-                      for n in lengths] for r in rules])
-    held = np.array([[rule_held_blocks(r, n, sink_tokens, min_window, elastic, block_size, granule,
-                                       exact_floor)
-                      for n in lengths] for r in rules])
+    dens = np.array([[rule_density(r, n, params) for n in lengths] for r in rules])
+    held = np.array([[rule_held_blocks(r, n, params, block_size) for n in lengths]
+                     for r in rules])
     dense = np.array([cdiv(n, block_size) for n in lengths])
     return dens, held, dense

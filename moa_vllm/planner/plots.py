@@ -14,9 +14,8 @@ def span_matrix(plan: Plan, length: int) -> np.ndarray:
     layers."""
     heads = plan.model.num_kv_heads
     return np.array([[np.nan] * heads if row is None else
-                     [head_density(alpha, beta, length, plan.sink_tokens, plan.min_window,
-                                   plan.elastic, plan.granule)
-                      for alpha, beta in row] for row in plan.rules])
+                     [head_density(alpha, beta, length, plan.span_params) for alpha, beta in row]
+                     for row in plan.rules])
 
 
 def plan_heatmap(plan: Plan, length: int, path) -> None:

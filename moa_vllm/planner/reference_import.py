@@ -25,6 +25,7 @@ our window grows, so the check at the step points covers every length.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import asdict
 import math
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from moa_vllm.plan import (
     now_iso,
 )
 from moa_vllm.span_classes import head_class_assignment, head_density, objective_lengths
-from moa_vllm.span_mask import BETA_SCALE, beta_growth, window_size
+from moa_vllm.span_mask import BETA_SCALE, SpanParams, beta_growth
 
 AUTHORS_REPOSITORY = "github.com/thu-nics/MoA"
 AUTHORS_LICENCE = "MIT"
@@ -56,7 +57,8 @@ MAX_NEW_TOKENS = 1024
 EXACT_FLOOR = 1024
 GRANULE = 64
 MIN_WINDOW = MIN_CACHE - SINK_TOKENS
-MAX_SPAN_CLASSES = 32
+SPANS = SpanParams(SINK_TOKENS, MIN_WINDOW, "prompt", GRANULE, EXACT_FLOOR)
+MAX_HEAD_CLASSES = 32
 LABEL = "converted, not validated by us"
 
 
@@ -128,20 +130,18 @@ def fit_rule(members: list[tuple[float, float]], lo: int, hi: int,
                                              math.ceil(b * BETA_SCALE))}:
         alpha = int(np.max(need - beta_growth(beta_q, points)))
         beta = beta_q / BETA_SCALE
-        cost = sum(head_density(alpha, beta, n, SINK_TOKENS, MIN_WINDOW, "prompt", GRANULE,
-                                EXACT_FLOOR) for n in objective)
+        cost = sum(head_density(alpha, beta, n, SPANS) for n in objective)
         if best is None or (cost, beta_q) < best[:2]:
             best = (cost, beta_q, alpha)
     _, beta_q, alpha = best
-    ours = np.array([window_size(alpha, beta_q, int(p), MIN_WINDOW, EXACT_FLOOR)
-                     for p in points])
+    ours = np.array([SPANS.window(alpha, beta_q, int(p)) for p in points])
     assert (ours >= need).all(), (members, alpha, beta_q)
     return alpha, beta_q / BETA_SCALE
 
 
 def import_reference(data: dict[str, Any], model: ModelFingerprint, context: int | None = None,
                      source: dict[str, Any] | None = None,
-                     max_span_classes: int = MAX_SPAN_CLASSES) -> Plan:
+                     max_head_classes: int = MAX_HEAD_CLASSES) -> Plan:
     """Our plan for ``model`` from the authors' ``{"alphas", "betas"}``; ``context``:
     the longest prompt the rules must cover (default: the fingerprint's)."""
     where = (source or {}).get("path", "reference plan")
@@ -192,9 +192,8 @@ def import_reference(data: dict[str, Any], model: ModelFingerprint, context: int
                             for n in nominal_lengths},
     }
     plan = Plan(
-        version=PLAN_VERSION, model=model, sink_tokens=SINK_TOKENS, elastic="prompt",
-        min_window=MIN_WINDOW, granule=GRANULE, exact_floor=EXACT_FLOOR,
-        max_span_classes=max_span_classes, rules=rules,
+        version=PLAN_VERSION, model=model, **asdict(SPANS),
+        max_head_classes=max_head_classes, rules=rules,
         provenance=Provenance(method="reference-import", created=now_iso(), details=details),
     )
     return plan.model_copy(update={"head_classes": head_class_assignment(plan)})

@@ -23,7 +23,7 @@ import numpy as np
 from moa_vllm.span_classes import HeadClass, cdiv, head_density
 from moa_vllm.span_mask import (
     FULL_WINDOW,
-    ElasticMode,
+    SpanParams,
     beta_growth,
     quantize_beta,
     window_size,
@@ -47,7 +47,7 @@ class Rule:
         return (int(self.alpha), float(self.beta))
 
 
-def default_rules(max_context: int, min_window: int, sink_tokens: int = 64,
+def default_rules(max_context: int, params: SpanParams,
                   density: float | None = None) -> list[Rule]:
     """About 48 rules scaled to the model's context ``C`` (the reference's grid is
     alpha in {-1024, 0, ..., 8192}, beta in {0, 1/8, ..., 1} for its models):
@@ -60,7 +60,7 @@ def default_rules(max_context: int, min_window: int, sink_tokens: int = 64,
     ``alpha = -sink_tokens`` makes sinks + window exactly ``beta`` of the input, so
     the equal-density uniform plan is a point of the search space: the MILP can
     only improve on it (on the profile)."""
-    c = max_context
+    c, min_window, sink_tokens = max_context, params.min_window, params.sink_tokens
     rules = []
     for f in (1 / 64, 1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 3 / 4, 1):
         rules.append(Rule(max(min_window, int(round(f * c))), 0.0))
@@ -88,23 +88,19 @@ def dropped_fraction(
     rule: Rule,
     length: int,
     block: int,
-    sink_tokens: int,
-    min_window: int,
-    elastic: ElasticMode,
+    params: SpanParams,
     prompt_len: int | None = None,
-    granule: int = 1,
-    exact_floor: int = 0,
 ) -> np.ndarray:
     """``[nb, nb]``: fraction of each tile's causal entries the rule's mask drops."""
     t = np.arange(length, dtype=np.int64)
-    if elastic == "position":
+    if params.elastic == "position":
         n = t + 1
     else:
         n = np.full_like(t, prompt_len or length)
-    w = np.maximum(min_window, rule.alpha + beta_growth(rule.beta_q, n))
-    w = np.where(n <= exact_floor, FULL_WINDOW, w)
-    lo = np.maximum(0, window_start(t, w, granule))  # window keys [lo, t]
-    s = np.minimum(sink_tokens, t + 1)  # sink keys [0, s)
+    w = np.maximum(params.min_window, rule.alpha + beta_growth(rule.beta_q, n))
+    w = np.where(n <= params.exact_floor, FULL_WINDOW, w)
+    lo = np.maximum(0, window_start(t, w, params.granule))  # window keys [lo, t]
+    s = np.minimum(params.sink_tokens, t + 1)  # sink keys [0, s)
     lo = np.maximum(lo, s)  # disjoint union [0, s) + [lo, t]
     nb = cdiv(length, block)
     kb0 = np.arange(nb, dtype=np.int64) * block
@@ -130,37 +126,26 @@ def rule_losses(
     rules: list[Rule],
     length: int,
     block: int,
-    sink_tokens: int,
-    min_window: int,
-    elastic: ElasticMode,
+    params: SpanParams,
     prompt_len: int | None = None,
-    granule: int = 1,
-    exact_floor: int = 0,
 ) -> np.ndarray:
     """``[layers, kv_heads, rules]`` loss of each rule on one length's profile."""
     nb = importance.shape[-1]
     out = np.zeros(importance.shape[:2] + (len(rules),))
     flat = importance.reshape(-1, nb * nb)
     for r, rule in enumerate(rules):
-        frac = dropped_fraction(rule, nb * block, block, sink_tokens, min_window, elastic,
-                                prompt_len, granule, exact_floor)
+        frac = dropped_fraction(rule, nb * block, block, params, prompt_len)
         out[..., r] = (flat @ frac.reshape(-1)).reshape(importance.shape[:2])
     return out
 
 
-def rule_density(rule: Rule, length: int, sink_tokens: int, min_window: int, elastic: ElasticMode,
-                 granule: int = 1, exact_floor: int = 0) -> float:
+def rule_density(rule: Rule, length: int, params: SpanParams) -> float:
     """The per-head term of ``span_classes.average_density`` at ``length``."""
-    return head_density(rule.alpha, rule.beta, length, sink_tokens, min_window, elastic, granule,
-                        exact_floor)
+    return head_density(rule.alpha, rule.beta, length, params)
 
 
-def rule_held_blocks(
-    rule: Rule, length: int, sink_tokens: int, min_window: int, elastic: ElasticMode, block_size: int,
-    granule: int = 1, exact_floor: int = 0,
-) -> int:
+def rule_held_blocks(rule: Rule, length: int, params: SpanParams, block_size: int) -> int:
     """``HeadClass.held_blocks`` of a class whose widest rule is this one (held
     blocks only grow with the window, so a class holds its widest rule's count)."""
-    head_class = HeadClass(0, (), ((rule.alpha, rule.beta_q),), sink_tokens, min_window,
-                           elastic, granule, exact_floor)
+    head_class = HeadClass(0, (), ((rule.alpha, rule.beta_q),), params)
     return head_class.held_blocks(length, length, block_size)

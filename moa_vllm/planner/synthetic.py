@@ -6,7 +6,8 @@ import numpy as np
 
 from moa_vllm.planner.milp import Problem, cost_tables
 from moa_vllm.planner.rules import Rule, default_rules, rule_losses
-from moa_vllm.span_classes import num_span_classes
+from moa_vllm.span_classes import num_head_classes
+from moa_vllm.span_mask import SpanParams
 
 
 def random_importance(layers: int, heads: int, length: int, block: int, rng: np.random.Generator) -> np.ndarray:
@@ -43,19 +44,18 @@ def random_problem(
     elastic: str = "position",
     block_size: int = 16,
     rules: list[Rule] | None = None,
-    max_span_classes: int = 9,
+    max_head_classes: int = 9,
     allocated_density: float | None = None,
 ) -> tuple[Problem, list[Rule]]:
     rng = np.random.default_rng(seed)
-    rules = rules or default_rules(max_context, min_window, sink_tokens, density)
+    params = SpanParams(sink_tokens, min_window, elastic)
+    rules = rules or default_rules(max_context, params, density)
     losses = np.stack([
-        rule_losses(random_importance(layers, heads, n, block, rng), rules, n, block,
-                    sink_tokens, min_window, elastic)
+        rule_losses(random_importance(layers, heads, n, block, rng), rules, n, block, params)
         for n in lengths
     ])
-    dens, held, dense = cost_tables(rules, density_lengths, sink_tokens, min_window,
-                                    elastic, block_size)
+    dens, held, dense = cost_tables(rules, density_lengths, params, block_size)
     prob = Problem(losses, dens, held, dense, density,
                    allocated_density if allocated_density is not None else density,
-                   num_span_classes(layers * heads, max_span_classes))
+                   num_head_classes(layers * heads, max_head_classes))
     return prob, rules

@@ -72,7 +72,7 @@ def test_kv_cache_groups_are_the_plans_head_classes(tiny):
     for group in groups:
         head_class = record.head_classes[group.kv_cache_spec.head_class]
         assert set(group.layer_names) == {kv_head_layer_name(layer_name(layer), head)
-                                          for layer, head in head_class.slots}
+                                          for layer, head in head_class.kv_heads}
 
 
 def test_block_size_is_moas_choice_and_the_executor_keeps_it(tiny):

@@ -19,7 +19,7 @@ from moa_vllm.engine.cpu_op import (
 from moa_vllm.engine.vllm_surface.ops import cpu_attn_write
 from moa_vllm.oracle import paged_span_attention_reference
 from moa_vllm.paged_kv import KVLayout, cpu_attn_halves, kv_views
-from moa_vllm.span_mask import LayerSpans, quantize_beta
+from moa_vllm.span_mask import LayerSpans, SpanParams, quantize_beta
 
 BS, D, GROUP = 16, 64, 3
 RULES = [(40, 0.0), (-30, 0.25), (8, 0.5)]  # one per KV head; the third narrower than g
@@ -28,7 +28,7 @@ RULES = [(40, 0.0), (-30, 0.25), (8, 0.5)]  # one per KV head; the third narrowe
 def rules_spans(elastic, sinks, granule, exact_floor=0):
     alpha = torch.tensor([a for a, _ in RULES], dtype=torch.int32)
     beta = torch.tensor([quantize_beta(b) for _, b in RULES], dtype=torch.int32)
-    return LayerSpans(alpha, beta, sinks, 8, elastic, granule, exact_floor)
+    return LayerSpans(alpha, beta, SpanParams(sinks, 8, elastic, granule, exact_floor))
 
 
 SEQ_LENS = [700, 167, 300, 1200]  # keys after the step
@@ -62,7 +62,7 @@ def batch_case(seed, spans, q_lens=Q_LENS, cache_dtype="auto", block_size=BS):
                                                    torch.float32), dim=-1)
     qsl = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0).to(torch.int32)
     q = torch.randn(int(qsl[-1]), len(RULES) * GROUP, D, generator=g)
-    pl = prompt_lens if spans.elastic == "prompt" else None
+    pl = prompt_lens if spans.params.elastic == "prompt" else None
     builder = SpanRunBuilder(spans, {f"h{h}": h for h in range(len(RULES))}, block_size, GROUP, D,
                              torch.float32, fmt.isa, cache_dtype)
     runs = builder.build(table, seq_lens, pl, qsl)

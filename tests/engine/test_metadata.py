@@ -63,12 +63,12 @@ def test_spans_are_built_once_per_layer_on_the_device(builds):
     builders = {id(b): b for b, _, _ in records}.values()  # one per KV-cache group
     layers = {name: spans for b in builders for name, spans in b.layer_rules.items()}
     assert sorted(kv_head_of(name) for name in layers) == [
-        (layer, 0) for layer in range(plan.model.num_layers)]  # each layer once, by its slot 0
+        (layer, 0) for layer in range(plan.model.num_layers)]  # each layer once, by its KV head 0
     for name, spans in layers.items():
         expected = plan.layer_spans(kv_head_of(name)[0])
         assert torch.equal(spans.alpha.cpu(), expected.alpha)
         assert torch.equal(spans.beta_q.cpu(), expected.beta_q)
-        assert spans.sink_tokens == expected.sink_tokens
+        assert spans.params == expected.params
     for b, md, _ in records:
         for name, heads in md.layer_heads.items():  # the same tensors every step
             assert heads is b.layer_heads[name] and heads.spans is b.layer_rules[name]

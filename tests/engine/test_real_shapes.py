@@ -136,7 +136,7 @@ def test_discovery_serves_the_converted_plan_with_its_head_classes(engine):
     assert Path(record.source) == PLAN and record.plan.rules == shipped.rules
     assert "searched on meta-llama/Llama-3.2-1B-Instruct, converted, not validated by us" \
         in record.how
-    classes = {c.index: set(c.slots) for c in record.head_classes}
+    classes = {c.index: set(c.kv_heads) for c in record.head_classes}
     said = {}
     for layer, row in enumerate(shipped.head_classes):
         for kv, c in enumerate(row):

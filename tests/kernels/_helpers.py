@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from moa_vllm.oracle import paged_span_attention_reference
-from moa_vllm.span_mask import BETA_SCALE, LayerSpans
+from moa_vllm.span_mask import BETA_SCALE, LayerSpans, SpanParams
 
 from moa_kernels import span_attention_paged
 
@@ -80,11 +80,7 @@ def make_case(
     spans = LayerSpans(
         alpha=torch.tensor([a for a, _ in rules], dtype=torch.int32),
         beta_q=torch.tensor([int(round(b * BETA_SCALE)) for _, b in rules], dtype=torch.int32),
-        sink_tokens=sink_tokens,
-        min_window=min_window,
-        elastic=elastic,
-        granule=granule,
-        exact_floor=exact_floor,
+        params=SpanParams(sink_tokens, min_window, elastic, granule, exact_floor),
     )
     if prompt_lens is None:
         prompt_lens = [s - q for s, q in zip(seq_lens, query_lens)]
@@ -106,13 +102,14 @@ def make_case(
 def run_kernel(case: Case, out: torch.Tensor | None = None, **kw) -> torch.Tensor:
     if out is None:
         out = torch.full_like(case.query, float("nan"))  # poison: every row must be written
+    params = case.spans.params
     span_attention_paged(
         case.query, case.kv_cache, case.block_table, case.query_start_loc, case.seq_lens,
-        case.spans.alpha, case.spans.beta_q, case.spans.sink_tokens, case.spans.min_window,
-        case.spans.elastic == "position",
-        case.prompt_lens if case.spans.elastic == "prompt" else None,
-        case.scale, out, case.max_query_len, case.max_seq_len, granule=case.spans.granule,
-        exact_floor=case.spans.exact_floor, **kw,
+        case.spans.alpha, case.spans.beta_q, params.sink_tokens, params.min_window,
+        params.elastic == "position",
+        case.prompt_lens if params.elastic == "prompt" else None,
+        case.scale, out, case.max_query_len, case.max_seq_len, granule=params.granule,
+        exact_floor=params.exact_floor, **kw,
     )
     return out
 
@@ -121,7 +118,7 @@ def reference(case: Case) -> torch.Tensor:
     return paged_span_attention_reference(
         case.query.cpu().float(), case.kv_cache.cpu().float(), case.block_table.cpu(),
         case.query_start_loc.cpu(), case.seq_lens.cpu(), case.spans.to("cpu"), case.scale,
-        case.prompt_lens.cpu() if case.spans.elastic == "prompt" else None,
+        case.prompt_lens.cpu() if case.spans.params.elastic == "prompt" else None,
     )
 
 
@@ -153,7 +150,7 @@ def span_needed(case: Case) -> torch.Tensor:
             continue
         q_pos = torch.arange(seq_len - q_len, seq_len)
         k_pos = torch.arange(seq_len)
-        if spans.elastic == "position":
+        if spans.params.elastic == "position":
             n = q_pos + 1
         else:
             n = torch.full_like(q_pos, int(case.prompt_lens[i]))

@@ -48,7 +48,7 @@ def plans(model_dir):
     shipped = load_plan(PLAN)
     moa = shipped.model_copy(update={
         "model": fingerprint_from_hf_config(config), "rules": [shipped.rules[i] for i in RULES_OF],
-        "head_classes": None, "max_span_classes": 4, "exact_floor": 0})
+        "head_classes": None, "max_head_classes": 4, "exact_floor": 0})
     assert len({r for row in moa.rules for r in row}) >= 2  # heterogeneous
     dense = moa.model_copy(update={"rules": [[(1 << 20, 0.0)] * 8] * LAYERS})
     return moa, dense

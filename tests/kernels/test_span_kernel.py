@@ -84,11 +84,10 @@ def test_spans_beyond_sequence(device):
                      rules=[(1000, 1.0), (0, 1.0)], sink_tokens=300, device=device, seed=4)
     out = assert_matches(case)
     # equal to a plain causal reference (no span at all)
-    from moa_vllm.span_mask import LayerSpans
+    from moa_vllm.span_mask import LayerSpans, SpanParams
 
-    dense = case.spans.__class__(case.spans.alpha * 0 + 10**6, case.spans.beta_q * 0,
-                                 0, 1, "position")
-    assert isinstance(dense, LayerSpans)
+    dense = LayerSpans(case.spans.alpha * 0 + 10**6, case.spans.beta_q * 0,
+                       SpanParams(0, 1, "position"))
     case.spans = dense.to(case.query.device)
     assert torch.allclose(out, reference(case), atol=2e-4)
 
@@ -177,7 +176,8 @@ def test_granule_spans(device, granule, elastic, sink_granules):
     )
     out = assert_matches(case)
     assert_matches(case, num_splits=3)
-    exact = dataclasses.replace(case, spans=dataclasses.replace(case.spans, granule=1))
+    exact = dataclasses.replace(case, spans=dataclasses.replace(
+        case.spans, params=dataclasses.replace(case.spans.params, granule=1)))
     assert (out - reference(exact)).abs().max() > 1e-3  # the granule does widen spans
 
 
@@ -193,7 +193,8 @@ def test_exact_floor(device, elastic):
     )
     out = assert_matches(case)
     assert_matches(case, num_splits=3)
-    no_floor = dataclasses.replace(case, spans=dataclasses.replace(case.spans, exact_floor=0))
+    no_floor = dataclasses.replace(case, spans=dataclasses.replace(
+        case.spans, params=dataclasses.replace(case.spans.params, exact_floor=0)))
     assert (out - reference(no_floor)).abs().max() > 1e-3  # the floor does widen spans
 
 

@@ -49,7 +49,7 @@ def test_one_launch_over_per_head_caches_equals_the_oracle(num_splits, elastic):
         query=case.query, kv_cache=base, block_table=tables,
         query_start_loc=case.query_start_loc, seq_lens=case.seq_lens,
         alpha=case.spans.alpha, beta_q=case.spans.beta_q,
-        sink_tokens=case.spans.sink_tokens, min_window=case.spans.min_window,
+        sink_tokens=case.spans.params.sink_tokens, min_window=case.spans.params.min_window,
         elastic_position=elastic == "position",
         prompt_lens=case.prompt_lens if elastic == "prompt" else None, scale=case.scale,
         output=out, max_query_len=case.max_query_len, max_seq_len=case.max_seq_len,

@@ -56,10 +56,11 @@ def test_plan_search_prints_the_estimate_first(tiny_dir, tmp_path, caplog, measu
     """`plan search` logs the peak memory and time before any stage runs; for the
     whole tiny model profiling 2048 tokens the peak is the measured one (over the
     weights) plus the weights, within the factor."""
-    from moa_vllm.planner.pipeline import SearchConfig, _start
+    from moa_vllm.planner.pipeline import start
+    from moa_vllm.planner.search_config import SearchConfig
 
     caplog.set_level(logging.INFO, logger="moa_vllm.planner")
-    run = _start(SearchConfig(model=str(tiny_dir), density=0.5, out=str(tmp_path / "p.json"),
+    run = start(SearchConfig(model=str(tiny_dir), density=0.5, out=str(tmp_path / "p.json"),
                               lengths=[2048], validate_lengths=[1536], samples=[1],
                               work_dir=str(tmp_path / "work")))
     assert not run._loaded and not run.cache.seconds  # nothing loaded or computed yet

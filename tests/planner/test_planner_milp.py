@@ -15,7 +15,7 @@ from moa_vllm.span_classes import (
     average_density,
     single_rule_classes,
 )
-from moa_vllm.span_mask import LayerSpans
+from moa_vllm.span_mask import LayerSpans, SpanParams
 
 CTX = 2048
 LENGTHS = [512, 1024]
@@ -27,7 +27,7 @@ def _plan(layers, heads, rules, choice, classes=None, elastic="position"):
                           num_kv_heads=heads, head_dim=16, max_position_embeddings=CTX)
     table = [[rules[r].as_tuple() for r in row] for row in choice]
     return Plan(version=PLAN_VERSION, model=fp, sink_tokens=64, elastic=elastic, min_window=64,
-                max_span_classes=classes or 1, rules=table,
+                max_head_classes=classes or 1, rules=table,
                 head_classes=None if classes is None else single_rule_classes(table, classes, CTX, 64),
                 provenance=Provenance(method="test", created=now_iso()))
 
@@ -50,13 +50,13 @@ def _check(prob, plan, density):
         avg = average_density(plan, n)
         assert avg <= density + 1e-9 or avg <= prob.dens[:, DENSITY_LENGTHS.index(n)].min() + 1e-9
         assert allocated_density(plan, n, 16) == pytest.approx(
-            sum(rule_held_blocks(Rule(a, b), n, 64, 64, "position", 16) for row in plan.rules
+            sum(rule_held_blocks(Rule(a, b), n, SpanParams(64, 64, "position"), 16) for row in plan.rules
                 for a, b in row) / (len(plan.rules) * len(plan.rules[0]) * -(-n // 16)))
         assert abs(allocated_density(plan, n, 16) - avg) <= 16 / n + 1e-9
     classes = assign_head_classes(plan)
     assert len(classes) == prob.num_classes
     assert all(len(c.rules) == 1 for c in classes)
-    assert len({len(c.slots) for c in classes}) == 1
+    assert len({len(c.kv_heads) for c in classes}) == 1
 
 
 @pytest.mark.parametrize(
@@ -65,7 +65,7 @@ def _check(prob, plan, density):
 )
 def test_milp_constraints_and_uniform(layers, heads, density, seed, classes):
     prob, rules = random_problem(layers, heads, LENGTHS, DENSITY_LENGTHS, density, CTX, seed=seed,
-                                 max_span_classes=classes)
+                                 max_head_classes=classes)
     assert prob.num_classes == classes
     verify = _verifier(prob, layers, heads, rules)
     program = HeadClassMILP(prob, verify, time_limit=20, mip_rel_gap=1e-4)
@@ -88,7 +88,7 @@ def test_budget_floor_at_short_lengths():
     """At 256 tokens sinks + min_window are half the cache: a 0.25 budget is met at
     its floor (every head at min_window), not made infeasible."""
     lengths = [256, *DENSITY_LENGTHS]
-    prob, rules = random_problem(4, 2, LENGTHS, lengths, 0.25, CTX, seed=5, max_span_classes=4)
+    prob, rules = random_problem(4, 2, LENGTHS, lengths, 0.25, CTX, seed=5, max_head_classes=4)
     floor = prob.dens[:, 0].min()
     assert prob.density_budget[0] == floor > 0.45
     sol = HeadClassMILP(prob, None, time_limit=20).solve(np.array([0.0, 1.0]))
@@ -103,7 +103,7 @@ def test_the_budget_is_spent_at_every_length():
     length of interest; without, this profile's optimum leaves budget unused."""
     density = 0.5
     prob, rules = random_problem(4, 2, LENGTHS, DENSITY_LENGTHS, density, CTX, seed=6,
-                                 max_span_classes=4)
+                                 max_head_classes=4)
     unused = HeadClassMILP(prob, None, time_limit=20).solve(np.array([0.0, 1.0]))
     assert min(average_density(_plan(4, 2, rules, unused.choice, 4), n)
                for n in DENSITY_LENGTHS) < density - 0.05
@@ -127,7 +127,7 @@ def test_single_rule_classes_need_multiples_of_the_class_size():
 def test_pareto_front_is_feasible_and_nondominated():
     layers, heads, density = 8, 2, 0.5
     prob, rules = random_problem(layers, heads, LENGTHS, DENSITY_LENGTHS, density, CTX, seed=7,
-                                 max_span_classes=4)
+                                 max_head_classes=4)
     program = HeadClassMILP(prob, _verifier(prob, layers, heads, rules), time_limit=20,
                             mip_rel_gap=1e-4)
     front, log = pareto_sweep(program, grid=2, progress=False)
@@ -145,10 +145,10 @@ def test_dropped_fraction_is_the_runtime_mask(rule, elastic, granule):
     import torch
 
     length, block, sink, minw = 320, 32, 16, 24
-    frac = dropped_fraction(rule, length, block, sink, minw, elastic, prompt_len=300,
-                            granule=granule)
+    params = SpanParams(sink, minw, elastic, granule)
+    frac = dropped_fraction(rule, length, block, params, prompt_len=300)
     spans = LayerSpans(alpha=torch.tensor([rule.alpha]), beta_q=torch.tensor([rule.beta_q]),
-                       sink_tokens=sink, min_window=minw, elastic=elastic, granule=granule)
+                       params=params)
 
     pos = torch.arange(length)
     n = pos + 1 if elastic == "position" else torch.full_like(pos, 300)
@@ -162,7 +162,7 @@ def test_dropped_fraction_is_the_runtime_mask(rule, elastic, granule):
 
 
 def test_default_rules_scale_with_context():
-    rules = default_rules(8192, 64, sink_tokens=64, density=0.3)
+    rules = default_rules(8192, SpanParams(64, 64, "position"), density=0.3)
     assert 40 <= len(rules) <= 56
     assert Rule(8192, 0.0) in rules and Rule(-64, 1.0) in rules
     # the equal-density uniform window is in the grid (also off the 1/8 steps)

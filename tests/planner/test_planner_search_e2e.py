@@ -141,7 +141,7 @@ def test_plan_search_on_a_hybrid_model(tiny_model_of, tmp_path):
     assert plan.model.windowed_layers == [0, 2]
     assert [row is None for row in plan.rules] == [True, False, True, False]
     assert [row is None for row in plan.head_classes] == [True, False, True, False]
-    assert sorted(s for c in assign_head_classes(plan) for s in c.slots) == [
+    assert sorted(s for c in assign_head_classes(plan) for s in c.kv_heads) == [
         (1, 0), (1, 1), (3, 0), (3, 1)]
     assert average_density(plan, 512) < 1.0
     assert plan.provenance.details["validation"]["excess_vs_uniform"] is not None
@@ -151,7 +151,8 @@ def test_plan_search_on_a_hybrid_model(tiny_model_of, tmp_path):
 
 def test_default_lengths_span_windowed_prompts_to_the_context():
     """From just above the exact floor (1024 by default) to the context."""
-    from moa_vllm.planner.pipeline import SearchConfig, resolve_lengths
+    from moa_vllm.planner.lengths import resolve_lengths
+    from moa_vllm.planner.search_config import SearchConfig
 
     lengths = resolve_lengths(SearchConfig(model="m", density=0.5, out="o"), 8192)
     assert lengths.profile == [1024, 2048, 4096]
@@ -178,10 +179,9 @@ def test_default_lengths_span_windowed_prompts_to_the_context():
 def test_choose_takes_the_plan_that_holds_at_every_length():
     """A plan far better at long prompts but worse than the uniform window at short
     ones loses to one a little better everywhere."""
-    from moa_vllm.planner.pipeline import choose
+    from moa_vllm.planner.selection import LengthScores, choose
 
-    # per length: dense, uniform, plan 0, plan 1
-    scores = {384: [0.3, 1.0, 1.05, 0.98], 6144: [0.7, 0.8, 0.5, 0.78]}
+    scores = {384: LengthScores(0.3, 1.0, [1.05, 0.98]), 6144: LengthScores(0.7, 0.8, [0.5, 0.78])}
     best, worst = choose(scores)
     assert best == 1
     assert worst == pytest.approx([0.75 / 0.7, 0.68 / 0.7])
@@ -192,13 +192,15 @@ def test_choose_weighs_excess_over_dense_not_loss_over_uniform():
     tokens but keeps a third of the uniform window's excess at 384; plan 1 keeps an
     eighth there and gives up a little at 6144, where the uniform window itself is
     near dense. A ratio to the uniform window's loss picked plan 0."""
-    from moa_vllm.planner.pipeline import choose
+    from moa_vllm.planner.selection import LengthScores, choose
 
-    scores = {384: [0.359, 1.135, 0.618, 0.460], 768: [0.390, 0.797, 0.545, 0.473],
-              6144: [0.712, 0.792, 0.701, 0.740]}
+    scores = {384: LengthScores(0.359, 1.135, [0.618, 0.460]),
+              768: LengthScores(0.390, 0.797, [0.545, 0.473]),
+              6144: LengthScores(0.712, 0.792, [0.701, 0.740])}
     best, worst = choose(scores)
     assert best == 1 and worst[1] < worst[0]
     # a uniform window as good as dense: excess measured against a floor, not zero
-    same = {384: [0.359, 1.135, 0.618, 0.460], 6144: [0.712, 0.712, 0.701, 0.740]}
+    same = {384: LengthScores(0.359, 1.135, [0.618, 0.460]),
+            6144: LengthScores(0.712, 0.712, [0.701, 0.740])}
     best, worst = choose(same)
     assert best == 0 and worst[1] == pytest.approx(0.028 / (0.05 * 0.712))

@@ -45,6 +45,17 @@ def cpu_attention_isa(dtype: torch.dtype, block_size: int, head_size: int,
     return _get_attn_isa(dtype, block_size, head_size, cache_dtype)
 
 
+def cpu_cache_refusal(dtype: torch.dtype, block_size: int, head_size: int,
+                      cache_dtype: str) -> str | None:
+    """Why vLLM's CPU op holds no ``cache_dtype`` KV cache for these on this CPU,
+    in vLLM's words; None where it does."""
+    try:
+        cpu_attention_isa(dtype, block_size, head_size, cache_dtype)
+    except NotImplementedError as err:
+        return str(err)
+    return None
+
+
 def kv_scales(layer) -> tuple[float, float]:
     """The layer's K and V scales for a quantized KV cache (1.0 otherwise)."""
     return layer._k_scale_float, layer._v_scale_float
