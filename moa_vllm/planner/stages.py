@@ -209,6 +209,16 @@ def rule_losses(run: SearchRun, profiles: dict, profile_info: dict):
     return rules, losses
 
 
+def milp_inputs(cfg: SearchConfig, lengths: SearchLengths, num_classes: int, rules,
+                losses: np.ndarray) -> MilpInputs:
+    """What the MILP stage reads: its cache key."""
+    return MilpInputs(
+        key_hash(losses.round(12).tolist()), tuple(r.as_tuple() for r in rules),
+        tuple(lengths.density), cfg.density, cfg.allocated_budget, cfg.budget_slack,
+        num_classes, cfg.span_params, cfg.block_size, cfg.pareto_grid, cfg.time_limit,
+        cfg.mip_rel_gap)
+
+
 def pareto_front(run: SearchRun, rules, losses) -> tuple[list, list]:
     """Stage 4: the MILP's cost tables and its epsilon-constraint sweep; every
     solution is checked with the runtime's own density functions against the
@@ -216,11 +226,7 @@ def pareto_front(run: SearchRun, rules, losses) -> tuple[list, list]:
     from moa_vllm.planner.milp import HeadClassMILP, Problem, cost_tables, pareto_sweep
 
     cfg = run.cfg
-    inputs = MilpInputs(
-        key_hash(losses.round(12).tolist()), tuple(r.as_tuple() for r in rules),
-        tuple(run.lengths.density), cfg.density, cfg.allocated_budget, cfg.budget_slack,
-        run.num_classes, cfg.span_params, cfg.block_size, cfg.pareto_grid, cfg.time_limit,
-        cfg.mip_rel_gap)
+    inputs = milp_inputs(cfg, run.lengths, run.num_classes, rules, losses)
     lengths = list(inputs.density_lengths)
     prob = Problem(losses, *cost_tables(rules, lengths, inputs.spans, inputs.block_size),
                    inputs.density, inputs.allocated_density, inputs.num_classes,
