@@ -231,8 +231,8 @@ def read_bytes(plan, batch, context, element) -> int:
     """KV bytes the attention of one step reads (sinks + window per KV head)."""
     from moa_vllm.span_classes import head_density
 
-    D = plan.model.head_dim
-    tokens = sum(head_density(a, b, context, plan.span_params) * context
+    D, params = plan.model.head_dim, plan.span_params
+    tokens = sum(head_density(a, b, context, params) * context
                  for row in plan.rules for a, b in row)
     return int(batch * tokens * 2 * D * element)
 

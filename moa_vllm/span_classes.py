@@ -137,9 +137,9 @@ class _Objective:
     def __init__(self, plan: Plan, rules: dict[KVHead, tuple[Rule, ...]],
                  kv_heads: list[KVHead]):
         lengths = objective_lengths(plan.model.max_position_embeddings)
-        bs = ASSIGNMENT_BLOCK_SIZE
+        bs, params = ASSIGNMENT_BLOCK_SIZE, plan.span_params
         self.held = np.array([
-            [HeadClass(0, (s,), rules[s], plan.span_params).held_blocks(n, n, bs)
+            [HeadClass(0, (s,), rules[s], params).held_blocks(n, n, bs)
              for n in lengths]
             for s in kv_heads], dtype=np.float64)  # [KV heads, lengths]
         self.weight = 1.0 / np.array([cdiv(n, bs) for n in lengths], dtype=np.float64)
@@ -232,7 +232,8 @@ def head_class_assignment(plan: Plan, tp_size: int = 1,
         refined = []
         for c in range(k_layer):
             members = set(layer_order[c * layers // k_layer:(c + 1) * layers // k_layer])
-            part = sorted((i for i in range(len(kv_heads)) if kv_heads[i][0] in members), key=widest)
+            part = sorted((i for i in range(len(kv_heads)) if kv_heads[i][0] in members),
+                          key=widest)
             refined += [part[p * size:(p + 1) * size] for p in range(len(part) // size)]
         candidates.append(_improve(obj, refined, obj.totals(refined)))
         if not (obj.totals(candidates[0]) <= obj.totals(refined) + 1e-9).all():
@@ -308,9 +309,8 @@ def head_density(alpha: int, beta: float, length: int, params: SpanParams) -> fl
 
 def average_density(plan: Plan, length: int) -> float:
     """Mean ``head_density`` over every KV head MoA serves (full-attention layers)."""
-    rows = [row for _, row in plan.layer_rules()]
-    total = sum(head_density(alpha, beta, length, plan.span_params)
-                for row in rows for alpha, beta in row)
+    rows, params = [row for _, row in plan.layer_rules()], plan.span_params
+    total = sum(head_density(alpha, beta, length, params) for row in rows for alpha, beta in row)
     return total / (len(rows) * plan.model.num_kv_heads)
 
 

@@ -2,7 +2,7 @@
 (scipy.optimize.milp / HiGHS).
 
 The runtime frees KV blocks per head class (``span_classes``): a set of equal
-size of KV heads (layer, KV head) holding the blocks of its widest rule. The search
+size of KV heads (layer, KV head), holding the blocks of its widest rule. The search
 gives every class one rule, so each KV head holds exactly its own rule's blocks and
 the allocated density *is* the average density (within block rounding). Classes
 of one rule are interchangeable, so the program needs no class variables beyond a

@@ -12,9 +12,9 @@ def span_matrix(plan: Plan, length: int) -> np.ndarray:
     """``[layers, kv_heads]``: fraction of a ``length``-token cache each head reads
     (the terms of ``span_classes.average_density``); NaN for the model's windowed
     layers."""
-    heads = plan.model.num_kv_heads
+    heads, params = plan.model.num_kv_heads, plan.span_params
     return np.array([[np.nan] * heads if row is None else
-                     [head_density(alpha, beta, length, plan.span_params) for alpha, beta in row]
+                     [head_density(alpha, beta, length, params) for alpha, beta in row]
                      for row in plan.rules])
 
 

@@ -15,7 +15,14 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from moa_vllm.plan import PLAN_VERSION, ModelFingerprint, Plan, Provenance, full_layer_rows, now_iso
+from moa_vllm.plan import (
+    PLAN_VERSION,
+    ModelFingerprint,
+    Plan,
+    Provenance,
+    full_layer_rows,
+    now_iso,
+)
 from moa_vllm.plan_report import density_table
 from moa_vllm.planner.lengths import SearchLengths, resolve_lengths
 from moa_vllm.planner.search_config import SearchConfig

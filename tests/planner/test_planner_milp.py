@@ -50,8 +50,8 @@ def _check(prob, plan, density):
         avg = average_density(plan, n)
         assert avg <= density + 1e-9 or avg <= prob.dens[:, DENSITY_LENGTHS.index(n)].min() + 1e-9
         assert allocated_density(plan, n, 16) == pytest.approx(
-            sum(rule_held_blocks(Rule(a, b), n, SpanParams(64, 64, "position"), 16) for row in plan.rules
-                for a, b in row) / (len(plan.rules) * len(plan.rules[0]) * -(-n // 16)))
+            sum(rule_held_blocks(Rule(a, b), n, SpanParams(64, 64, "position"), 16)
+                for row in plan.rules for a, b in row) / (len(plan.rules) * len(plan.rules[0]) * -(-n // 16)))
         assert abs(allocated_density(plan, n, 16) - avg) <= 16 / n + 1e-9
     classes = assign_head_classes(plan)
     assert len(classes) == prob.num_classes
